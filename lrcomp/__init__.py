@@ -1,0 +1,9 @@
+"""lrcomp: fine-tune a foundation model and compress it, in one run, into a low-rank model."""
+
+from lrcomp.backend import get_backend, set_backend
+from lrcomp.layers import LowRankLinear
+from lrcomp.replace import replace_linears
+
+__version__ = "0.1.0"
+
+__all__ = ["LowRankLinear", "get_backend", "replace_linears", "set_backend", "__version__"]

@@ -1,0 +1,126 @@
+"""Swap a model's ``nn.Linear`` modules for :class:`LowRankLinear` in place.
+
+Target selection follows PEFT's ``target_modules``:
+
+- ``"all-linear"``: every ``nn.Linear`` except the output head (the module returned by
+  ``model.get_output_embeddings()``, and modules whose last name component is
+  ``lm_head``, ``classifier`` or ``score``);
+- a list of strings: a module matches when its name equals an entry or ends with
+  ``"." + entry``;
+- any other string: a regular expression that must match the whole module name.
+
+``exclude_modules`` takes a list or a regex the same way and wins over the targets.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+from torch import nn
+
+from lrcomp.layers.lowrank_linear import LowRankLinear
+
+HEAD_NAMES = ("lm_head", "classifier", "score")
+
+RankSpec = int | None | Mapping[str, int | None] | Callable[[str, nn.Linear], int | None]
+
+
+def _matches(name: str, pattern: str | Iterable[str], argname: str) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    if isinstance(pattern, Iterable):
+        return any(name == p or name.endswith("." + p) for p in pattern)
+    raise TypeError(f"{argname} must be 'all-linear', a regex string or a list of names, "
+                    f"got {type(pattern).__name__}")
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    heads = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in HEAD_NAMES}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        heads |= {name for name, module in model.named_modules() if module is out}
+    return heads
+
+
+def find_target_linears(
+    model: nn.Module,
+    target_modules: str | Iterable[str] = "all-linear",
+    exclude_modules: str | Iterable[str] | None = None,
+) -> list[str]:
+    """Names of the ``nn.Linear`` modules of ``model`` that the target rules select, in model order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    heads = _head_names(model) if target_modules == "all-linear" else set()
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:  # subclasses (already-wrapped or quantized) are left alone
+            continue
+        if target_modules == "all-linear":
+            if name in heads:
+                continue
+        elif not _matches(name, target_modules, "target_modules"):
+            continue
+        if exclude_modules is not None and _matches(name, exclude_modules, "exclude_modules"):
+            continue
+        names.append(name)
+    return names
+
+
+def _rank_for(rank: RankSpec, name: str, module: nn.Linear) -> tuple[bool, int | None]:
+    """(replace?, rank) for one module."""
+    if rank is None or isinstance(rank, int) and not isinstance(rank, bool):
+        return True, rank
+    if isinstance(rank, Mapping):
+        return (name in rank), rank.get(name)
+    if callable(rank):
+        value = rank(name, module)
+        return value is not None, value
+    raise TypeError(f"rank must be an int, None, a dict name -> rank or a callable, got {type(rank).__name__}")
+
+
+def replace_linears(
+    model: nn.Module,
+    rank: RankSpec,
+    target_modules: str | Iterable[str] = "all-linear",
+    exclude_modules: str | Iterable[str] | None = None,
+    **layer_kwargs,
+) -> list[str]:
+    """Replace the targeted ``nn.Linear`` modules of ``model`` by :meth:`LowRankLinear.from_linear`.
+
+    Args:
+        rank: an int (or None for full rank) for every target; a dict name -> rank (targets
+            without an entry stay dense; an entry that names no target is an error); or a
+            callable ``(name, linear) -> rank | None`` (None leaves the module dense).
+        layer_kwargs: passed to ``from_linear`` (``mask_fn``, ``keep_dense``, ...).
+
+    Returns:
+        The names of the replaced modules, in model order.
+    """
+    targets = find_target_linears(model, target_modules, exclude_modules)
+    if not targets:
+        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear in "
+                         f"{type(model).__name__} (exclude_modules={exclude_modules!r})")
+    if isinstance(rank, Mapping):
+        unknown = sorted(set(rank) - set(targets))
+        if unknown:
+            raise ValueError(f"rank names modules that are not targets: {unknown[:5]}"
+                             f"{' ...' if len(unknown) > 5 else ''}")
+    plan = []
+    for name in targets:
+        module = model.get_submodule(name)
+        replace, r = _rank_for(rank, name, module)
+        if replace:
+            plan.append((name, module, r))
+    replaced = []
+    for name, module, r in plan:
+        try:
+            layer = LowRankLinear.from_linear(module, r, **layer_kwargs)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"module {name!r}: {err}") from err
+        layer.train(module.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        replaced.append(name)
+    return replaced
