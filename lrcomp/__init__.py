@@ -2,8 +2,15 @@
 
 from lrcomp.backend import get_backend, set_backend
 from lrcomp.layers import LowRankLinear
-from lrcomp.replace import replace_linears
+from lrcomp.replace import compact_lowrank, replace_linears
 
 __version__ = "0.1.0"
 
-__all__ = ["LowRankLinear", "get_backend", "replace_linears", "set_backend", "__version__"]
+__all__ = [
+    "LowRankLinear",
+    "compact_lowrank",
+    "get_backend",
+    "replace_linears",
+    "set_backend",
+    "__version__",
+]

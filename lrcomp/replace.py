@@ -113,14 +113,30 @@ def replace_linears(
         replace, r = _rank_for(rank, name, module)
         if replace:
             plan.append((name, module, r))
-    replaced = []
+    # Build every new layer before swapping any in: a bad rank for one module leaves the model untouched.
+    layers = []
     for name, module, r in plan:
         try:
             layer = LowRankLinear.from_linear(module, r, **layer_kwargs)
         except (TypeError, ValueError) as err:
             raise type(err)(f"module {name!r}: {err}") from err
-        layer.train(module.training)
+        layers.append(layer.train(module.training))
+    for (name, _, _), layer in zip(plan, layers, strict=True):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
-        replaced.append(name)
-    return replaced
+    return [name for name, _, _ in plan]
+
+
+def compact_lowrank(model: nn.Module) -> list[str]:
+    """Replace every :class:`LowRankLinear` of ``model`` by its :meth:`~LowRankLinear.compact` form, in place.
+
+    Pruned directions are dropped physically, so the model holds fewer parameters and runs
+    fewer FLOPs with the same output. Returns the names of the layers that shrank.
+    """
+    shrunk = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear) and module.active_rank < module.rank:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.compact())
+            shrunk.append(name)
+    return shrunk
