@@ -1,0 +1,141 @@
+"""Render benchmarks/results/*.json as markdown tables into README.md.
+
+The README section between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is
+replaced (atomically); without those markers, or with ``--stdout``, the tables are printed.
+Every table notes the device, torch version and commit of the run it comes from.
+
+    python benchmarks/make_tables.py            # rewrite README.md
+    python benchmarks/make_tables.py --check    # exit 1 if README.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+# kind -> (title, [(column key, header, format)]); format "" = str(), else a format spec.
+LAYOUTS = {
+    "lowrank_linear_cpu": ("Low-rank linear vs dense `nn.Linear`, CPU (fp32, rank at 50% params)", [
+        ("K", "K", "d"), ("N", "N", "d"), ("r", "r", "d"), ("M", "M", "d"), ("pass", "pass", ""),
+        ("t_lowrank_us", "low-rank (us)", ".1f"), ("t_dense_us", "dense (us)", ".1f"),
+        ("ratio", "low-rank / dense", ".3f"), ("ratio_min", "ratio of minima", ".3f"),
+        ("flop_ratio", "FLOP ratio", ".3f")]),
+    "lowrank_linear_gpu": ("Low-rank linear on the GPU (bf16): Triton vs eager vs torch.compile vs dense", [
+        ("K", "K", "d"), ("N", "N", "d"), ("rank", "rank", ""), ("M", "M", "d"), ("pass", "pass", ""),
+        ("t_triton_us", "triton (us)", ".1f"), ("t_eager_us", "eager (us)", ".1f"),
+        ("t_compile_us", "compile (us)", ".1f"), ("t_dense_us", "dense (us)", ".1f"),
+        ("t_roofline_us", "roofline (us)", ".1f"), ("bound", "bound", ""),
+        ("triton/eager", "/eager", ".2f"), ("triton/compile", "/compile", ".2f"),
+        ("triton/dense", "/dense", ".2f"), ("triton/roofline", "/roofline", ".2f")]),
+    "end_to_end": ("End to end: truncated SVD of every encoder linear, uniform budget", [
+        ("model", "model", ""), ("budget", "budget", ".2f"), ("kept_fraction", "kept params (linears)", ".3f"),
+        ("params_model_after", "model params", ",d"), ("rel_err_mean", "layer err mean", ".3f"),
+        ("rel_err_max", "layer err max", ".3f"), ("cos_mean", "cos mean", ".3f"), ("cos_min", "cos min", ".3f"),
+        ("t_dense_ms", "dense (ms)", ".1f"), ("t_lowrank_ms", "compressed (ms)", ".1f"),
+        ("speed_ratio", "time ratio", ".3f"), ("speed_ratio_min", "ratio of minima", ".3f")]),
+}
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "–"
+    if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return format(value, fmt)
+        except ValueError:
+            return str(value)
+    return str(value)
+
+
+def _generic_layout(rows: list[dict], env: dict) -> list[tuple[str, str, str]]:
+    keys = [k for k in rows[0] if k not in env and isinstance(rows[0][k], (int, float, str, type(None)))]
+    return [(k, k, ".4g" if isinstance(rows[0][k], float) else "") for k in keys]
+
+
+def table_for(payload: dict, source: Path) -> str:
+    """Markdown for one results file: heading, provenance line, table."""
+    kind = payload.get("kind", source.stem)
+    rows = payload.get("rows", [])
+    env = payload.get("environment") or (rows[0] if rows else {})
+    layout_key = kind if kind in LAYOUTS else next((k for k in LAYOUTS if kind.startswith(k)), None)
+    title, columns = LAYOUTS[layout_key] if layout_key else (kind, _generic_layout(rows, env) if rows else [])
+    dirty = " (uncommitted changes)" if env.get("dirty") else ""
+    lines = [f"#### {title}", "",
+             f"`{source.name}` · device: {env.get('device', 'unknown')} · torch {env.get('torch', '?')}"
+             f" · triton {env.get('triton') or '–'} · CUDA {env.get('cuda') or '–'}"
+             f" · commit `{env.get('commit', 'unknown')}`{dirty} · {payload.get('created', '')}", ""]
+    if not rows:
+        return "\n".join(lines + ["(no rows)", ""])
+    lines.append("| " + " | ".join(h for _, h, _ in columns) + " |")
+    lines.append("|" + "|".join("---:" if fmt else "---" for _, _, fmt in columns) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(k), fmt) for k, _, fmt in columns) + " |")
+    return "\n".join(lines + [""])
+
+
+def render(results_dir: Path) -> str:
+    files = sorted(results_dir.glob("*.json"))
+    if not files:
+        return "_No results yet: run the scripts in benchmarks/._\n"
+    parts = []
+    for path in files:
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"skipping {path}: {err}", file=sys.stderr)
+            continue
+        if isinstance(payload, list):  # tolerate a bare list of rows
+            payload = {"rows": payload}
+        parts.append(table_for(payload, path))
+    return "\n".join(parts)
+
+
+def splice(readme: str, tables: str) -> str | None:
+    """``readme`` with the marked section replaced by ``tables``; None if the markers are missing."""
+    start, end = readme.find(BEGIN), readme.find(END)
+    if start < 0 or end < 0 or end < start:
+        return None
+    return readme[: start + len(BEGIN)] + "\n" + tables.rstrip("\n") + "\n" + readme[end:]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
+    parser.add_argument("--stdout", action="store_true", help="print the tables, leave README.md alone")
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the results")
+    args = parser.parse_args(argv)
+    tables = render(args.results)
+    readme = args.readme.read_text(encoding="utf-8") if args.readme.is_file() else None
+    updated = splice(readme, tables) if readme is not None else None
+    if args.stdout or updated is None:
+        if updated is None and not args.stdout:
+            print(f"note: {args.readme} has no {BEGIN} ... {END} markers; printing the tables\n", file=sys.stderr)
+        print(tables)
+        return 0
+    if args.check:
+        if updated != readme:
+            print(f"{args.readme} is out of date: run python benchmarks/make_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    if updated != readme:
+        fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=args.readme.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(updated)
+        os.chmod(tmp, args.readme.stat().st_mode & 0o777)  # mkstemp makes 0600 files
+        os.replace(tmp, args.readme)
+        print(f"updated {args.readme}")
+    else:
+        print(f"{args.readme} already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
