@@ -42,6 +42,8 @@ class LowRankLinear(nn.Module):
         bias: ``[N]`` or None.
     Buffers:
         active: ``[r]`` bool, False for pruned directions.
+        importance: ``[r]`` fp32 per-direction score for the rank allocator, or None
+            (``from_linear``: the energy ``s_i^2``).
         dense_weight: ``[N, K]`` frozen copy of the original weight, or None.
 
     Args:
@@ -79,6 +81,9 @@ class LowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         self.register_buffer("active", torch.ones(rank, dtype=torch.bool, device=device))
         self.register_buffer("dense_weight", None)
+        # Per-direction importance for the rank allocator (e.g. the energy s_i^2 it removes
+        # from the output error when dropped), fp32 [r]; set by from_linear / lrcomp.factorize.
+        self.register_buffer("importance", None, persistent=False)
         self._dense_scale = 0.0
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
@@ -137,6 +142,7 @@ class LowRankLinear(nn.Module):
             layer.V.copy_(vh[:rank])
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
+        layer.importance = s[:rank].square().float()
         if keep_dense:
             layer.attach_dense(weight.clone(), scale=0.0)
         return layer
@@ -270,6 +276,8 @@ class LowRankLinear(nn.Module):
         if self.bias is not None:
             new.bias.copy_(self.bias)
             new.bias.requires_grad_(self.bias.requires_grad)
+        if self.importance is not None:
+            new.importance = self.importance.index_select(0, keep).clone()
         if self.lora_A is not None:
             new.add_lora(self.lora_A.shape[0])
             new.lora_A.copy_(self.lora_A)
