@@ -2,17 +2,33 @@
 
 from lrcomp._ext import has_cuda_ext
 from lrcomp.backend import get_backend, set_backend
+from lrcomp.calib import CalibrationStats, calibrate
+from lrcomp.compress.allocate import RankAllocation, allocate_ranks
+from lrcomp.compress.config import CompressionConfig
+from lrcomp.compress.cost import LatencyTable, measure_latency_table
+from lrcomp.compress.factorizations import factorize
+from lrcomp.compress.oneshot import compress, summary
 from lrcomp.layers import LowRankLinear
 from lrcomp.replace import compact_lowrank, replace_linears
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationStats",
+    "CompressionConfig",
+    "LatencyTable",
     "LowRankLinear",
+    "RankAllocation",
+    "allocate_ranks",
+    "calibrate",
     "compact_lowrank",
+    "compress",
+    "factorize",
     "get_backend",
     "has_cuda_ext",
+    "measure_latency_table",
     "replace_linears",
     "set_backend",
+    "summary",
     "__version__",
 ]

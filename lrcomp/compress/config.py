@@ -1,0 +1,78 @@
+"""``CompressionConfig``: what to compress, how, and to which size. Validated on construction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ONE_SHOT_METHODS = ("svd", "asvd", "svd_llm", "fwsvd", "sparsity_aware", "jactus_union")
+COST_KINDS = ("params", "flops", "latency")
+ALLOCATIONS = ("global", "uniform")
+
+
+@dataclass
+class CompressionConfig:
+    """Configuration of :func:`lrcomp.compress`.
+
+    Attributes:
+        method: the factorisation: "svd", "asvd" (Yuan et al. 2023), "svd_llm" (Wang et al.
+            2024, whitened), "fwsvd" (Hsu et al. 2022, Fisher-weighted), "sparsity_aware"
+            (LPAF, Ren & Zhu 2023) or "jactus_union" (task-aware union of subspaces).
+        budget: fraction in (0, 1] of the targeted layers' dense cost that may be kept.
+        cost: what the budget counts: "params", "flops" or "latency" (needs ``cost_table``).
+        allocation: "global" (one budget for the whole model, greedy on marginal gain per unit
+            cost, :func:`lrcomp.allocate_ranks`) or "uniform" (every layer keeps ``budget`` of
+            its own parameters).
+        target_modules, exclude_modules: PEFT-style selection (see :func:`lrcomp.replace_linears`).
+        min_rank: smallest rank the global allocator gives a layer.
+        cost_table: a :class:`lrcomp.compress.cost.LatencyTable` or the path of one saved as JSON.
+        method_options: extra keyword arguments of the factorisation (e.g. ``{"alpha": 0.5}`` for asvd).
+        calib_max_batches: stop calibration after this many batches (None: all).
+        calib_group_size: calibrate this many layers at a time (bounded memory; None: all at once).
+        calib_save_path: safetensors file where calibration statistics are saved and resumed from.
+    """
+
+    method: str = "svd_llm"
+    budget: float = 0.5
+    cost: str = "params"
+    allocation: str = "global"
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    min_rank: int = 1
+    cost_table: Any = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+    calib_max_batches: int | None = None
+    calib_group_size: int | None = None
+    calib_save_path: str | Path | None = None
+    loss_fn: Callable | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ONE_SHOT_METHODS:
+            raise ValueError(f"method must be one of {ONE_SHOT_METHODS}, got {self.method!r}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (
+                math.isfinite(self.budget) and 0 < self.budget <= 1):
+            raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}")
+        self.budget = float(self.budget)
+        if self.cost not in COST_KINDS:
+            raise ValueError(f"cost must be one of {COST_KINDS}, got {self.cost!r}")
+        if self.cost == "latency" and self.cost_table is None:
+            raise ValueError("cost='latency' needs cost_table (a LatencyTable or the path of one)")
+        if self.cost == "latency" and self.allocation == "uniform":
+            raise ValueError("cost='latency' needs allocation='global' (a uniform allocation counts parameters)")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not isinstance(self.target_modules, str) and not isinstance(self.target_modules, Iterable):
+            raise TypeError(f"target_modules must be a string or a list of names, got {self.target_modules!r}")
+        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 1:
+            raise ValueError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
+        if not isinstance(self.method_options, dict):
+            raise TypeError(f"method_options must be a dict, got {type(self.method_options).__name__}")
+        for name in ("calib_max_batches", "calib_group_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")

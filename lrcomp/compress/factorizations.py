@@ -1,0 +1,388 @@
+"""One-layer factorisations ``W [N, K] ~ U diag(S) V`` fed by calibration statistics.
+
+:func:`factorize` turns an ``nn.Linear`` (``y = x W^T + b``, ``K`` inputs, ``N`` outputs) into a
+:class:`~lrcomp.layers.LowRankLinear` whose ``r`` directions come sorted by a per-direction
+``importance`` (fp32 ``[r]``, non-negative, descending): the reduction of the method's objective
+when the direction is kept, which the global rank allocator compares across layers.
+
+Every method solves ``min_{rank(W_r) <= r} ||D_out (W - W_r) D_in||_F^2`` for some invertible
+weighting ``D_out [N, N]``, ``D_in [K, K]`` (or, for "jactus_union", the same problem restricted to a
+subspace) by one SVD ``D_out W D_in = U' Sigma V'^T`` (Eckart-Young), and returns
+
+    U = D_out^{-1} U'_r,   S = Sigma_r,   V = V'_r^T D_in^{-1},   importance = Sigma_r^2
+
+so ``U diag(S) V`` is the method's rank-r approximation, ``rank=None`` (``r = min(K, N)``) gives W back,
+and ``|S|`` orders the directions like ``importance`` (so ``LowRankLinear.prune_`` agrees with it).
+All arithmetic is fp64 on the weight's device; the factors are cast to the weight's dtype at the end.
+
+Statistics (one layer's dict, as ``lrcomp.calibrate`` returns them per layer; fp64, any device):
+``"input_cov"`` ``[K, K]`` = ``(1/T) sum_t x_t x_t^T``; ``"grad_cov"`` ``[N, N]`` = ``(1/T) sum_t g_t g_t^T``
+with ``g_t = dL/dy_t``; ``"input_abs_mean"`` ``[K]`` = ``(1/T) sum_t |x_t|``; ``"fisher"`` ``[K]`` =
+per-input-column mean squared weight gradient ``sum_n (dL/dW[n, k])^2`` averaged over batches.
+
+Methods (``D = diag``):
+
+* ``"svd"``: ``D_out = I, D_in = I``; importance ``s_i^2`` = reduction of ``||W - W_r||_F^2``.
+* ``"asvd"`` (Yuan et al. 2023, "ASVD: Activation-aware Singular Value Decomposition for Compressing
+  Large Language Models"): ``D_in = D(a^alpha)`` with ``a`` = input_abs_mean (zeros clamped to
+  ``min_scale * max(a)``), option ``alpha`` (default 0.5). Importance: ``sigma_i^2`` of ``W D_in``, the
+  reduction of ``||(W - W_r) D_in||_F^2``; it is a proxy of the output error (exact only when the input
+  channels are independent with RMS proportional to ``a^alpha``), so it compares across layers only
+  approximately.
+* ``"svd_llm"`` (Wang et al. 2024, "SVD-LLM: Truncation-aware Singular Value Decomposition for Large
+  Language Model Compression"): ``D_in = L`` with ``input_cov = L L^T`` (Cholesky, fp64, eigenvalue shift
+  when not positive definite: :func:`lrcomp.linalg.whiten.shifted_cholesky`, option ``shift_eps``).
+  Since ``E_x ||x W^T - x W_r^T||^2 = tr((W - W_r) C (W - W_r)^T) = ||(W - W_r) L||_F^2``, the result is
+  the exact minimiser of the per-token output error (the closed form ``W_r^T = R^{-1} [R W^T]_r`` for
+  ``X = Q R``) and ``importance = sigma_i^2(W L)`` is the exact reduction of that error per token.
+  ``V = V'_r^T L^{-1}`` is computed by a triangular solve.
+* ``"fwsvd"`` (Hsu et al. 2022, "Language model compression with weighted low-rank factorization"):
+  ``D_in = D(sqrt(f))`` with ``f`` = fisher (zeros clamped to ``min_scale * max(f)``): minimises
+  ``sum_k f_k ||W[:, k] - W_r[:, k]||^2``. The paper sums the Fisher information along each *row* of W
+  (one weight per output); the statistic here is per *input column* (as the issue specifies), so the
+  columns are weighted. Importance ``sigma_i^2(W D_in)``.
+* ``"sparsity_aware"`` (Ren & Zhu 2023, "Low-Rank Prune-And-Factorize for Language Model Compression",
+  LPAF's sparsity-aware SVD initialisation): element importance ``M [N, K] >= 0`` from, in order, the
+  option ``importance`` (e.g. accumulated movement scores), the option ``weight_grad`` (``M = |W * dW|``,
+  first-order importance), the ``"fisher"`` statistic (``M = |W| sqrt(f_k / N)``, the RMS of the first-order
+  term ``|W dW|`` with ``E[dW_nk^2] ~ f_k / N``), else ``M = |W|``. The weighted problem
+  ``min sum_nk M_nk (W - W_r)_nk^2`` has no closed form; ``M`` is replaced by the rank-1 matrix with the
+  same row and column sums, ``M_hat = a b^T / sum(M)`` (``a`` row sums, ``b`` column sums), which makes it
+  ``||D(sqrt(a)) (W - W_r) D(sqrt(b / sum(M)))||_F^2``, solved exactly by one SVD (exact when ``M`` is
+  rank 1). Importance ``sigma_i^2`` = reduction of ``sum M_hat (W - W_r)^2``.
+* ``"jactus_union"`` (JACTUS): the approximation is confined to a union of subspaces. Input side:
+  ``P_in`` = orthonormal basis of the top ``ceil(weight_frac r)`` right singular vectors of W united with
+  the top ``ceil(input_frac r)`` eigenvectors of input_cov; output side: ``P_out`` = the top
+  ``ceil(weight_frac r)`` left singular vectors of W united with the top ``ceil(grad_frac r)`` eigenvectors
+  of grad_cov (when given). Unions are orthonormalised dropping directions dependent to ``tol``
+  (:func:`lrcomp.linalg.whiten.orthonormal_union`). Then, with ``C`` = input_cov (shifted by ``delta``
+  when ``C_p = P_in^T C P_in`` is not PD) and ``C_p = L_p L_p^T``:
+
+      min_{A: rank <= r} E ||x W^T - x (P_out A P_in^T)^T||^2
+        = const + ||(Z - A) L_p||_F^2,    Z = P_out^T W C P_in C_p^{-1}
+
+  (``P_out Z P_in^T`` is the projection of W onto the union in the metric of C, the orthogonal
+  projection ``P_out P_out^T W P_in P_in^T`` when ``C ~ I``), solved by the SVD of ``Z L_p``:
+  ``U = P_out U'_r``, ``V = V'_r^T L_p^{-1} P_in^T``, importance ``sigma_i^2(Z L_p)`` (exact reduction of
+  the per-token output error, like svd_llm). The row space of the result lies in ``span(P_in)`` and its
+  column space in ``span(P_out)``; with ``weight_frac >= 1`` the union contains plain SVD's subspaces,
+  so its output error is never above svd's. Note that the union depends on r: at ``rank=None`` it is the
+  whole space and the method equals svd_llm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lrcomp.layers.lowrank_linear import LowRankLinear, _check_rank
+from lrcomp.linalg.whiten import orthonormal_union, shifted_cholesky, top_eigenvectors
+
+FACTORIZATIONS = ("svd", "asvd", "svd_llm", "fwsvd", "sparsity_aware", "jactus_union")
+
+REQUIRED_STATS: dict[str, tuple[str, ...]] = {
+    "svd": (),
+    "asvd": ("input_abs_mean",),
+    "svd_llm": ("input_cov",),
+    "fwsvd": ("fisher",),
+    "sparsity_aware": (),
+    "jactus_union": ("input_cov",),
+}
+
+# Statistics a method uses when they are present (calibrate them too to get the full method).
+OPTIONAL_STATS: dict[str, tuple[str, ...]] = {
+    "svd": (),
+    "asvd": (),
+    "svd_llm": (),
+    "fwsvd": (),
+    "sparsity_aware": ("fisher",),
+    "jactus_union": ("grad_cov",),
+}
+
+# Method options and their defaults; every method also takes mask_fn / temperature (LowRankLinear).
+METHOD_OPTIONS: dict[str, dict[str, object]] = {
+    "svd": {},
+    "asvd": {"alpha": 0.5, "min_scale": 1e-6},
+    "svd_llm": {"shift_eps": 1e-8},
+    "fwsvd": {"min_scale": 1e-6},
+    "sparsity_aware": {"importance": None, "weight_grad": None, "min_scale": 1e-6},
+    "jactus_union": {"weight_frac": 1.0, "input_frac": 0.5, "grad_frac": 0.5, "tol": 1e-8, "shift_eps": 1e-8},
+}
+_LAYER_OPTIONS = {"mask_fn": "none", "temperature": 1.0}
+
+_STAT_NAMES = ("input_cov", "grad_cov", "input_abs_mean", "fisher")
+
+
+# ---------------------------------------------------------------------------- validation helpers
+def _stat_shape(name: str, K: int, N: int) -> tuple[int, ...]:
+    return {"input_cov": (K, K), "grad_cov": (N, N), "input_abs_mean": (K,), "fisher": (K,)}[name]
+
+
+def _get_stats(stats: object, method: str, K: int, N: int, device: torch.device) -> dict[str, Tensor]:
+    """Check ``stats`` (one layer's dict) and return the statistics the method uses, fp64 on ``device``."""
+    needed = REQUIRED_STATS[method]
+    if stats is None:
+        stats = {}
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats must be a dict of stat name -> tensor for one layer, got {type(stats).__name__}")
+    missing = [s for s in needed if s not in stats]
+    if missing:
+        hint = ""
+        if stats and all(isinstance(v, Mapping) for v in stats.values()):
+            hint = " (stats looks like statistics of a whole model: pass one layer's entry, stats=calib[name])"
+        raise ValueError(f"method {method!r} needs the statistics {needed}; stats is missing {missing}{hint}")
+    out = {}
+    for name in needed + OPTIONAL_STATS[method]:
+        if name not in stats:
+            continue
+        value = stats[name]
+        expected = _stat_shape(name, K, N)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"stats[{name!r}] must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != expected:
+            raise ValueError(f"stats[{name!r}] must have shape {list(expected)} for a {K}->{N} layer, "
+                             f"got {list(value.shape)}")
+        value = value.detach().to(device=device, dtype=torch.float64)
+        if not torch.isfinite(value).all():
+            raise ValueError(f"stats[{name!r}] has non-finite values (nan or inf)")
+        if name in ("input_abs_mean", "fisher") and bool((value < 0).any()):
+            raise ValueError(f"stats[{name!r}] must be non-negative, got min {float(value.min()):.3e}")
+        if name in ("input_cov", "grad_cov"):
+            asym = float((value - value.mT).abs().max())
+            if asym > 1e-6 * max(float(value.abs().max()), 1e-300):
+                raise ValueError(f"stats[{name!r}] must be symmetric, got max |C - C^T| = {asym:.3e}")
+            value = 0.5 * (value + value.mT)
+        out[name] = value
+    return out
+
+
+def _check_float(name: str, value: object, *, low: float, low_open: bool = False, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value!r}")
+    value = float(value)
+    if value < low or (low_open and value == low) or value > high:
+        lo = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {lo}{low}, {high}], got {value!r}")
+    return value
+
+
+def _positive_scale(values: Tensor, min_scale: float) -> Tensor:
+    """``values >= 0`` clamped below at ``min_scale * max(values)`` (all ones when they are all zero)."""
+    top = float(values.max()) if values.numel() else 0.0
+    if top <= 0.0:
+        return torch.ones_like(values)
+    return values.clamp(min=min_scale * top)
+
+
+# ---------------------------------------------------------------------------- the solvers (fp64)
+def _scaled_svd(W: Tensor, row: Tensor | None, col: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SVD of ``D(row) W D(col)`` unscaled: ``(U, S, V, importance)`` with every direction."""
+    Ws = W
+    if row is not None:
+        Ws = row[:, None] * Ws
+    if col is not None:
+        Ws = Ws * col[None, :]
+    u, s, vh = torch.linalg.svd(Ws, full_matrices=False)
+    if row is not None:
+        u = u / row[:, None]
+    if col is not None:
+        vh = vh / col[None, :]
+    return u, s, vh, s.square()
+
+
+def _whitened_svd(W: Tensor, L: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SVD of ``W L`` (``L`` lower triangular): ``U = U'``, ``V = V'^T L^{-1}`` (triangular solve)."""
+    u, s, vh = torch.linalg.svd(W @ L, full_matrices=False)
+    v = torch.linalg.solve_triangular(L, vh, upper=False, left=False)  # v L = vh
+    return u, s, v, s.square()
+
+
+def _fraction_count(frac: float, rank: int, cap: int) -> int:
+    return min(cap, math.ceil(frac * rank - 1e-9))
+
+
+def jactus_union_bases(
+    weight: Tensor,
+    rank: int,
+    input_cov: Tensor,
+    grad_cov: Tensor | None = None,
+    *,
+    weight_frac: float = 1.0,
+    input_frac: float = 0.5,
+    grad_frac: float = 0.5,
+    tol: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """Orthonormal bases ``(P_out [N, m_out], P_in [K, m_in])`` of the JACTUS union subspaces (fp64).
+
+    ``P_in``: top ``ceil(weight_frac * rank)`` right singular vectors of ``weight [N, K]`` united with the
+    top ``ceil(input_frac * rank)`` eigenvectors of ``input_cov [K, K]``. ``P_out``: top
+    ``ceil(weight_frac * rank)`` left singular vectors united with the top ``ceil(grad_frac * rank)``
+    eigenvectors of ``grad_cov [N, N]`` (skipped when None). Counts are capped at the dimension; the
+    weight's vectors come first.
+    """
+    W = weight.detach().to(torch.float64)
+    N, K = W.shape
+    u, _, vh = torch.linalg.svd(W, full_matrices=False)
+    p = _fraction_count(weight_frac, rank, min(K, N))
+    P_in = orthonormal_union(vh[:p].mT, top_eigenvectors(input_cov, _fraction_count(input_frac, rank, K)), tol=tol)
+    grad = W.new_zeros(N, 0)
+    if grad_cov is not None:
+        grad = top_eigenvectors(grad_cov, _fraction_count(grad_frac, rank, N))
+    P_out = orthonormal_union(u[:, :p], grad, tol=tol)
+    return P_out, P_in
+
+
+def _jactus(W: Tensor, rank: int, stats: dict[str, Tensor], opts: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    C = stats["input_cov"]
+    P_out, P_in = jactus_union_bases(W, rank, C, stats.get("grad_cov"), weight_frac=opts["weight_frac"],
+                                     input_frac=opts["input_frac"], grad_frac=opts["grad_frac"], tol=opts["tol"])
+    m = min(P_out.shape[1], P_in.shape[1])
+    if m < rank:
+        raise ValueError(f"the jactus_union subspaces have dimensions {P_out.shape[1]} (output) and "
+                         f"{P_in.shape[1]} (input), fewer than rank={rank}: raise weight_frac, input_frac or "
+                         f"grad_frac (weight_frac={opts['weight_frac']}, input_frac={opts['input_frac']}, "
+                         f"grad_frac={opts['grad_frac']})")
+    CP = C @ P_in                                        # [K, m_in]
+    L_p, delta = shifted_cholesky(P_in.mT @ CP, eps=opts["shift_eps"], name="input_cov projected on the union")
+    # Z L_p = P_out^T W (C + delta I) P_in C~_p^{-1} L_p = P_out^T W (C + delta I) P_in L_p^{-T}
+    G = P_out.mT @ (W @ (CP + delta * P_in))             # [m_out, m_in]
+    ZL = torch.linalg.solve_triangular(L_p.mT, G, upper=True, left=False)  # Z L_p = G L_p^{-T}: X L_p^T = G
+    u, s, vh = torch.linalg.svd(ZL, full_matrices=False)
+    v_core = torch.linalg.solve_triangular(L_p, vh, upper=False, left=False)  # vh L_p^{-1}  [m, m_in]
+    return P_out @ u, s, v_core @ P_in.mT, s.square()
+
+
+def _sparsity_aware(W: Tensor, stats: dict[str, Tensor], opts: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    N, K = W.shape
+    M = element_importance(W, fisher=stats.get("fisher"), importance=opts["importance"],
+                           weight_grad=opts["weight_grad"])
+    total = float(M.sum())
+    if total <= 0.0:
+        a, b, total = torch.ones(N, dtype=W.dtype, device=W.device), torch.ones(K, dtype=W.dtype, device=W.device), 1.0
+    else:
+        a = _positive_scale(M.sum(1), opts["min_scale"])
+        b = _positive_scale(M.sum(0), opts["min_scale"])
+    return _scaled_svd(W, a.sqrt(), (b / total).sqrt())
+
+
+def element_importance(
+    weight: Tensor,
+    *,
+    fisher: Tensor | None = None,
+    importance: Tensor | None = None,
+    weight_grad: Tensor | None = None,
+) -> Tensor:
+    """LPAF element importance ``M [N, K]`` (fp64, >= 0) used by ``"sparsity_aware"``.
+
+    ``importance`` given: it (validated). ``weight_grad`` given: ``|W * dW|`` (first-order, movement
+    importance). ``fisher [K]`` given: ``|W_nk| sqrt(fisher_k / N)``. Else ``|W|``.
+    """
+    W = weight.detach().to(torch.float64)
+    N, K = W.shape
+    for name, value in (("importance", importance), ("weight_grad", weight_grad)):
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or tuple(value.shape) != (N, K):
+            shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a [{N}, {K}] tensor (like the weight), got {shape}")
+        value = value.detach().to(device=W.device, dtype=torch.float64)
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{name} has non-finite values (nan or inf)")
+        if name == "importance":
+            if bool((value < 0).any()):
+                raise ValueError(f"importance must be non-negative, got min {float(value.min()):.3e}")
+            return value
+        return (W * value).abs()
+    if fisher is not None:
+        return W.abs() * (fisher.to(device=W.device, dtype=torch.float64) / N).sqrt()[None, :]
+    return W.abs()
+
+
+# ---------------------------------------------------------------------------- public entry point
+def factorize(
+    linear: nn.Linear,
+    rank: int | None = None,
+    *,
+    method: str = "svd",
+    stats: Mapping[str, Tensor] | None = None,
+    **options,
+) -> LowRankLinear:
+    """Factor ``linear`` (``W [N, K]``) into a rank-``rank`` :class:`LowRankLinear` by ``method``.
+
+    Args:
+        linear: the ``nn.Linear`` to factor (unchanged).
+        rank: number of directions ``r`` in ``[1, min(K, N)]``; None keeps ``min(K, N)`` (which
+            reproduces ``linear`` to round-off in the weight's dtype, for every method).
+        method: one of :data:`FACTORIZATIONS` (see the module docstring for the formulas).
+        stats: ONE layer's statistics, ``{stat name: tensor}`` (``calib[name]``); the method needs
+            :data:`REQUIRED_STATS` ``[method]`` and uses :data:`OPTIONAL_STATS` ``[method]`` when present.
+        **options: the method's options (:data:`METHOD_OPTIONS`), plus ``mask_fn`` / ``temperature`` of the
+            returned layer.
+
+    Returns:
+        A :class:`LowRankLinear` on the weight's device and dtype with ``U [N, r]``, ``S [r]`` (descending,
+        >= 0), ``V [r, K]``, the bias copied, and ``importance`` (fp32 ``[r]``, descending): the reduction
+        of the method's objective each direction brings.
+
+    Raises:
+        TypeError: ``linear`` is not an ``nn.Linear``, ``rank`` not an int, ``stats`` not a mapping, or an
+            option the method does not take.
+        ValueError: unknown ``method``; ``rank`` out of range; non-finite weight or bias; a missing
+            statistic (named with the method), one of the wrong shape, non-finite or negative; a bad option.
+    """
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    if not isinstance(method, str) or method not in FACTORIZATIONS:
+        raise ValueError(f"method must be one of {FACTORIZATIONS}, got {method!r}")
+    weight = linear.weight.detach()
+    N, K = weight.shape
+    rank = min(K, N) if rank is None else _check_rank(rank, K, N)
+    allowed = {**METHOD_OPTIONS[method], **_LAYER_OPTIONS}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"method {method!r} takes no option(s) {unknown}; its options are {sorted(allowed)}")
+    opts = {**allowed, **options}
+    if not torch.isfinite(weight).all():
+        raise ValueError("linear.weight has non-finite values (nan or inf): cannot factor it")
+    if linear.bias is not None and not torch.isfinite(linear.bias.detach()).all():
+        raise ValueError("linear.bias has non-finite values (nan or inf)")
+    for name in ("min_scale",):
+        if name in opts:
+            opts[name] = _check_float(name, opts[name], low=0.0, low_open=True, high=1.0)
+    for name in ("shift_eps", "tol"):
+        if name in opts:
+            opts[name] = _check_float(name, opts[name], low=0.0, low_open=True)
+    for name in ("alpha", "weight_frac", "input_frac", "grad_frac"):
+        if name in opts:
+            opts[name] = _check_float(name, opts[name], low=0.0)
+
+    st = _get_stats(stats, method, K, N, weight.device)
+    W = weight.to(torch.float64)
+    if method == "svd":
+        u, s, v, imp = _scaled_svd(W, None, None)
+    elif method == "asvd":
+        scale = _positive_scale(st["input_abs_mean"], opts["min_scale"]).pow(opts["alpha"])
+        u, s, v, imp = _scaled_svd(W, None, scale)
+    elif method == "fwsvd":
+        u, s, v, imp = _scaled_svd(W, None, _positive_scale(st["fisher"], opts["min_scale"]).sqrt())
+    elif method == "svd_llm":
+        L, _ = shifted_cholesky(st["input_cov"], eps=opts["shift_eps"], name="input_cov")
+        u, s, v, imp = _whitened_svd(W, L)
+    elif method == "sparsity_aware":
+        u, s, v, imp = _sparsity_aware(W, st, opts)
+    else:
+        u, s, v, imp = _jactus(W, rank, st, opts)
+
+    layer = LowRankLinear(K, N, rank, bias=linear.bias is not None, mask_fn=opts["mask_fn"],
+                          temperature=opts["temperature"], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.U.copy_(u[:, :rank])
+        layer.S.copy_(s[:rank])
+        layer.V.copy_(v[:rank])
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+    layer.importance = imp[:rank].float()
+    return layer

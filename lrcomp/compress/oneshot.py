@@ -1,0 +1,131 @@
+"""One-shot compression: calibrate, factorise, allocate, replace. And the per-layer summary."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from lrcomp.calib.calibrate import calibrate
+from lrcomp.compress.allocate import allocate_ranks, importance_keep_mask
+from lrcomp.compress.config import CompressionConfig
+from lrcomp.compress.cost import LatencyTable
+from lrcomp.compress.factorizations import OPTIONAL_STATS, REQUIRED_STATS, factorize
+from lrcomp.layers.lowrank_linear import LowRankLinear
+from lrcomp.replace import find_target_linears
+
+# Methods whose rank-r result is not the top r directions of the full-rank one: the full-rank
+# factorisation only scores the directions for the allocator, then each layer is refactored.
+_SUBSPACE_DEPENDS_ON_RANK = ("jactus_union",)
+
+
+def _exact(names: Iterable[str]) -> str:
+    """A target_modules regex that matches exactly these module names."""
+    return "|".join(re.escape(n) for n in names)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _uniform_ranks(model: nn.Module, names: list[str], budget: float) -> dict[str, int]:
+    """Every layer keeps ``budget`` of its own parameters: ``r = floor(budget * K N / (K + N))``."""
+    ranks = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        K, N = linear.in_features, linear.out_features
+        r = int(budget * K * N / (K + N))
+        if r * (K + N) < K * N:  # at or past break-even the layer stays dense
+            ranks[name] = max(1, r)
+    return ranks
+
+
+def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable | None = None) -> nn.Module:
+    """Compress ``model`` in place with a one-shot factorisation and return it.
+
+    Steps: resolve the targets; calibrate the statistics the method needs on ``calib_data``
+    (:func:`lrcomp.calibrate`); factorise every target at full rank with its per-direction
+    importance (:func:`lrcomp.factorize`); allocate ranks (global greedy on marginal gain per
+    unit cost, or uniform); keep the top directions of each layer, physically (compacted), and
+    put back the original ``nn.Linear`` where the allocation keeps a layer dense.
+
+    The resulting :class:`RankAllocation` (global) or rank dict (uniform) is stored on the
+    model as ``model.lrcomp_allocation``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    targets = find_target_linears(model, config.target_modules, config.exclude_modules)
+    if not targets:
+        existing = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear; the linear layers are: "
+                         f"{existing[:20]}{' ...' if len(existing) > 20 else ''}")
+    needed = REQUIRED_STATS[config.method]
+    if config.loss_fn is not None:  # gradient statistics the method uses when it can have them
+        needed = needed + OPTIONAL_STATS[config.method]
+    stats = None
+    if needed:
+        if calib_data is None:
+            raise ValueError(f"method {config.method!r} needs calibration statistics {needed}: pass calib_data")
+        stats = calibrate(model, calib_data, stats=needed, target_modules=_exact(targets),
+                          loss_fn=config.loss_fn, max_batches=config.calib_max_batches,
+                          group_size=config.calib_group_size, save_path=config.calib_save_path)
+
+    originals = {name: model.get_submodule(name) for name in targets}
+    if config.allocation == "uniform":
+        ranks = _uniform_ranks(model, targets, config.budget)
+    else:
+        for name in targets:
+            _set_module(model, name, factorize(originals[name], None, method=config.method,
+                                               stats=stats[name] if stats is not None else None,
+                                               **config.method_options))
+        table = config.cost_table
+        if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
+            table = LatencyTable.from_json(table)
+        ranks = allocate_ranks(model, config.budget, score="importance", cost=config.cost, cost_table=table,
+                               min_rank=config.min_rank, target_modules=_exact(targets))
+
+    for name in targets:
+        if name not in ranks:
+            _set_module(model, name, originals[name])
+            continue
+        current = model.get_submodule(name)
+        if isinstance(current, LowRankLinear) and config.method not in _SUBSPACE_DEPENDS_ON_RANK:
+            layer = current.prune_(importance_keep_mask(current, ranks[name])).compact()
+        else:
+            layer = factorize(originals[name], ranks[name], method=config.method,
+                              stats=stats[name] if stats is not None else None, **config.method_options)
+        _set_module(model, name, layer.train(originals[name].training))
+    model.lrcomp_allocation = ranks
+    return model
+
+
+def summary(model: nn.Module, *, file=None) -> str:
+    """Print (and return) the per-layer table of the low-rank layers of ``model``.
+
+    Columns: layer name, K x N, rank, kept fraction of the dense parameters, parameters before
+    (``K N`` + bias) and after (``rank (K + N)`` + bias, S folded into a factor).
+    """
+    rows = []
+    before_total = after_total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, LowRankLinear):
+            continue
+        K, N = module.in_features, module.out_features
+        bias = N if module.bias is not None else 0
+        before, after = K * N + bias, module.num_parameters(compact=True)
+        before_total += before
+        after_total += after
+        rows.append((name, f"{K}x{N}", str(module.active_rank), f"{after / before:.3f}", f"{before:,}", f"{after:,}"))
+    header = ("layer", "K x N", "rank", "kept", "params before", "params after")
+    rows.append(("total", "", "", f"{after_total / max(before_total, 1):.3f}", f"{before_total:,}", f"{after_total:,}"))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text, file=file)
+    return text
