@@ -9,6 +9,7 @@ from lrcomp.compress.cost import LatencyTable, measure_latency_table
 from lrcomp.compress.factorizations import factorize
 from lrcomp.compress.oneshot import compress, summary
 from lrcomp.layers import LowRankLinear
+from lrcomp.methods import JOINT_METHODS, Compressor
 from lrcomp.replace import compact_lowrank, replace_linears
 
 __version__ = "0.1.0"
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationStats",
     "CompressionConfig",
+    "Compressor",
+    "JOINT_METHODS",
     "LatencyTable",
     "LowRankLinear",
     "RankAllocation",

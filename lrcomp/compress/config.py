@@ -9,18 +9,22 @@ from pathlib import Path
 from typing import Any
 
 ONE_SHOT_METHODS = ("svd", "asvd", "svd_llm", "fwsvd", "sparsity_aware", "jactus_union")
+JOINT_METHODS = ("acip", "pc_lora", "tunecomp", "jactus", "lpaf")
+METHODS = ONE_SHOT_METHODS + JOINT_METHODS
 COST_KINDS = ("params", "flops", "latency")
 ALLOCATIONS = ("global", "uniform")
 
 
 @dataclass
 class CompressionConfig:
-    """Configuration of :func:`lrcomp.compress`.
+    """Configuration of :func:`lrcomp.compress` (one-shot) and :class:`lrcomp.Compressor` (joint).
 
     Attributes:
-        method: the factorisation: "svd", "asvd" (Yuan et al. 2023), "svd_llm" (Wang et al.
-            2024, whitened), "fwsvd" (Hsu et al. 2022, Fisher-weighted), "sparsity_aware"
-            (LPAF, Ren & Zhu 2023) or "jactus_union" (task-aware union of subspaces).
+        method: a one-shot factorisation for :func:`lrcomp.compress`: "svd", "asvd" (Yuan et
+            al. 2023), "svd_llm" (Wang et al. 2024, whitened), "fwsvd" (Hsu et al. 2022,
+            Fisher-weighted), "sparsity_aware" (LPAF, Ren & Zhu 2023) or "jactus_union"
+            (task-aware union of subspaces); or a joint fine-tune-and-compress method for
+            :class:`lrcomp.Compressor`: "acip", "pc_lora", "tunecomp", "jactus", "lpaf".
         budget: fraction in (0, 1] of the targeted layers' dense cost that may be kept.
         cost: what the budget counts: "params", "flops" or "latency" (needs ``cost_table``).
         allocation: "global" (one budget for the whole model, greedy on marginal gain per unit
@@ -33,6 +37,11 @@ class CompressionConfig:
         calib_max_batches: stop calibration after this many batches (None: all).
         calib_group_size: calibrate this many layers at a time (bounded memory; None: all at once).
         calib_save_path: safetensors file where calibration statistics are saved and resumed from.
+        loss_fn: ``(outputs, batch) -> scalar`` for gradient statistics (fisher, grad_cov).
+        total_steps: optimizer steps of a joint run (its schedules end there); joint methods only.
+        distill_weight: weight of the logit KL to the dense teacher (None: the method's default).
+        feature_weight: weight of the per-layer feature MSE to the teacher (None: the method's default).
+        distill_temperature: temperature T of the logit KL (scaled by T^2).
     """
 
     method: str = "svd_llm"
@@ -48,10 +57,27 @@ class CompressionConfig:
     calib_group_size: int | None = None
     calib_save_path: str | Path | None = None
     loss_fn: Callable | None = None
+    total_steps: int | None = None
+    distill_weight: float | None = None
+    feature_weight: float | None = None
+    distill_temperature: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.method not in ONE_SHOT_METHODS:
-            raise ValueError(f"method must be one of {ONE_SHOT_METHODS}, got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.total_steps is not None and (isinstance(self.total_steps, bool) or not isinstance(
+                self.total_steps, int) or self.total_steps <= 0):
+            raise ValueError(f"total_steps must be a positive int, got {self.total_steps!r}")
+        if self.method in JOINT_METHODS and self.total_steps is None:
+            raise ValueError(f"method {self.method!r} trains jointly: set total_steps (the optimizer steps of the run)")
+        for name in ("distill_weight", "feature_weight"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
+        if isinstance(self.distill_temperature, bool) or not isinstance(self.distill_temperature, (int, float)) \
+                or not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (
                 math.isfinite(self.budget) and 0 < self.budget <= 1):
             raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}")

@@ -9,7 +9,7 @@ from torch import nn
 
 from lrcomp.calib.calibrate import calibrate
 from lrcomp.compress.allocate import allocate_ranks, importance_keep_mask
-from lrcomp.compress.config import CompressionConfig
+from lrcomp.compress.config import ONE_SHOT_METHODS, CompressionConfig
 from lrcomp.compress.cost import LatencyTable
 from lrcomp.compress.factorizations import OPTIONAL_STATS, REQUIRED_STATS, factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
@@ -58,6 +58,9 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+    if config.method not in ONE_SHOT_METHODS:
+        raise ValueError(f"compress() runs the one-shot methods {ONE_SHOT_METHODS}; {config.method!r} trains "
+                         f"jointly: use lrcomp.Compressor")
     targets = find_target_linears(model, config.target_modules, config.exclude_modules)
     if not targets:
         existing = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -10,6 +10,7 @@ the LoRA factors are concatenated to the low-rank ones (``V' = [V; A]``, ``d' = 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -29,6 +30,16 @@ def _check_rank(rank: object, in_features: int, out_features: int, name: str = "
             f"{in_features}->{out_features} layer, got {rank}"
         )
     return rank
+
+
+def _swap_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, resize) -> None:
+    """Make ``optimizer`` train ``new`` instead of ``old``; per-parameter state shaped like ``old`` is resized."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is not None:
+        optimizer.state[new] = {k: resize(v) if isinstance(v, Tensor) and v.shape == old.shape else v
+                                for k, v in state.items()}
 
 
 class LowRankLinear(nn.Module):
@@ -88,6 +99,8 @@ class LowRankLinear(nn.Module):
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.lora_scale = 0.0
+        # Weight of the low-rank branch (TuneComp's sqrt(1 - alpha_t^2)); folded into d.
+        self.lowrank_scale = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -221,6 +234,8 @@ class LowRankLinear(nn.Module):
 
     def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
         V, d, U = self.V, self.d, self.U
+        if self.lowrank_scale != 1.0:
+            d = d * self.lowrank_scale
         if self.lora_A is not None:
             V = torch.cat([V, self.lora_A], 0)
             d = torch.cat([d, d.new_full((self.lora_A.shape[0],), self.lora_scale)])
@@ -259,35 +274,35 @@ class LowRankLinear(nn.Module):
         self.active &= new_active
         return self
 
-    @torch.no_grad()
     def compact(self) -> LowRankLinear:
         """A new layer holding only the directions with ``d != 0``; same output, same flags."""
+        return copy.deepcopy(self).compact_()
+
+    @torch.no_grad()
+    def compact_(self, optimizer: torch.optim.Optimizer | None = None) -> LowRankLinear:
+        """Drop the directions with ``d == 0`` in place (physically) and return self.
+
+        The module object stays the same (hooks and references survive); ``U``, ``S``, ``V``
+        and ``scores`` become new, smaller parameters. With ``optimizer``, its parameter
+        groups point to the new parameters and their per-parameter state (e.g. AdamW's
+        ``exp_avg`` / ``exp_avg_sq``) is sliced to the kept directions, so training continues
+        exactly as if the dropped directions had never been there.
+        """
         keep = (self.d != 0).nonzero().flatten()
         if keep.numel() == 0:
             raise ValueError("every direction of this layer is pruned: nothing is left to compact")
-        new = LowRankLinear(self.in_features, self.out_features, keep.numel(), bias=self.bias is not None,
-                            mask_fn=self.mask_fn, temperature=self.temperature, device=self.V.device,
-                            dtype=self.V.dtype)
-        for name in ("U", "S", "V", "scores"):
-            dim = 1 if name == "U" else 0
-            src = getattr(self, name)
-            getattr(new, name).copy_(src.index_select(dim, keep))
-            getattr(new, name).requires_grad_(src.requires_grad)
-        if self.bias is not None:
-            new.bias.copy_(self.bias)
-            new.bias.requires_grad_(self.bias.requires_grad)
+        if keep.numel() == self.rank:
+            return self
+        for name, dim in (("U", 1), ("S", 0), ("V", 0), ("scores", 0)):
+            old = getattr(self, name)
+            new = nn.Parameter(old.detach().index_select(dim, keep).clone(), requires_grad=old.requires_grad)
+            if optimizer is not None:
+                _swap_in_optimizer(optimizer, old, new, lambda t, d=dim: t.index_select(d, keep))
+            setattr(self, name, new)
+        self.active = self.active.index_select(0, keep)
         if self.importance is not None:
-            new.importance = self.importance.index_select(0, keep).clone()
-        if self.lora_A is not None:
-            new.add_lora(self.lora_A.shape[0])
-            new.lora_A.copy_(self.lora_A)
-            new.lora_B.copy_(self.lora_B)
-            new.lora_scale = self.lora_scale
-            new.lora_A.requires_grad_(self.lora_A.requires_grad)
-            new.lora_B.requires_grad_(self.lora_B.requires_grad)
-        if self.dense_weight is not None:
-            new.attach_dense(self.dense_weight, scale=self._dense_scale)
-        return new.train(self.training)
+            self.importance = self.importance.index_select(0, keep)
+        return self
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

@@ -1,0 +1,264 @@
+"""ACIP: any compression via iterative pruning (Genzel et al. 2025, "Choose Your Model Size: Any
+Compression by a Single Gradient Descent").
+
+Every target ``W = U diag(S) V`` (exact SVD, frozen) gets a trainable score per singular
+direction and a straight-through mask::
+
+    d = S * 1[m > 0]          forward: hard mask;  backward: d relu(m) / dm = 1[m > 0]
+    loss = task + lambda_t * sum_layers (K + N) / mean(K + N) * sum_i relu(m_i)
+
+``lambda_t`` grows geometrically from ``lambda_start`` to ``lambda_end`` over the first
+``prune_fraction`` of the run (the paper raises the penalty until the target size is met). A
+direction whose score reaches 0 is pruned for good: its factors move to a CPU reservoir, the
+layer is compacted physically and the optimizer state sliced, so steps get cheaper. When the
+targeted layers are at or under the budget the scores freeze and the rest of the run
+fine-tunes the (optional) LoRA compensation and the non-target parameters with the masks
+fixed. If the budget is not met when the pruning phase ends, the global ranking cuts it.
+
+The order in which directions were pruned (earliest = least important; the survivors ranked
+by their final score) is a global ranking, so :meth:`ACIP.materialize` builds a model of any
+size from one run, putting reservoir directions back where the budget allows.
+
+Differences from the paper: the L1 weight is cost-aware (a direction of a wide layer costs
+more parameters), scores have their own learning rate (``score_lr``: the optimizer gets two
+parameter groups), and a materialised layer never passes break-even (it stays low-rank).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from lrcomp.layers.lowrank_linear import LowRankLinear
+from lrcomp.methods.base import JointMethod
+
+
+@dataclasses.dataclass
+class ACIPOptions:
+    lambda_start: float = 1e-4  # penalty weight at step 0
+    lambda_end: float = 10.0  # penalty weight at the end of the pruning phase (geometric growth)
+    prune_fraction: float = 0.6  # share of total_steps in which the penalty grows and directions are pruned
+    score_init: float = 1.0  # initial score m of every direction (mask on)
+    score_lr: float = 0.02  # learning rate of the scores (own parameter group)
+    lora_rank: int = 8  # LoRA compensation rank per layer (0: none); the paper trains LoRA adapters jointly
+    lora_alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_start", "lambda_end", "score_init", "score_lr", "lora_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"acip option {name} must be a positive number, got {value!r}")
+        if self.lambda_end < self.lambda_start:
+            raise ValueError(f"acip option lambda_end ({self.lambda_end}) must be >= lambda_start "
+                             f"({self.lambda_start})")
+        if not 0 < self.prune_fraction <= 1:
+            raise ValueError(f"acip option prune_fraction must be in (0, 1], got {self.prune_fraction!r}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"acip option lora_rank must be an int >= 0, got {self.lora_rank!r}")
+
+
+class ACIP(JointMethod):
+    name = "acip"
+    Options = ACIPOptions
+
+    def setup(self, stats) -> None:
+        opts = self.options
+        self.origin: dict[str, torch.Tensor] = {}  # original direction index of every live direction
+        self.reservoir: dict[str, dict[int, tuple]] = {}  # pruned directions: index -> (U col, S, V row)
+        self.order: list[tuple[str, int, int, float]] = []  # (layer, index, step, score) in pruning order
+        self.frozen = False
+        for name in self.comp.targets:
+            linear = self.model.get_submodule(name)
+            layer = LowRankLinear.from_linear(linear, None, mask_fn="ste")
+            for p in (layer.U, layer.S, layer.V):
+                p.requires_grad_(False)
+            if layer.bias is not None:
+                layer.bias.requires_grad_(False)
+            with torch.no_grad():
+                layer.scores.fill_(opts.score_init)
+            if opts.lora_rank:
+                layer.add_lora(min(opts.lora_rank, layer.rank), opts.lora_alpha)
+            layer.train(linear.training)
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), child, layer)
+            self.origin[name] = torch.arange(layer.rank)
+            self.reservoir[name] = {}
+        costs = [self.model.get_submodule(n).in_features + self.model.get_submodule(n).out_features
+                 for n in self.comp.targets]
+        self.cost_weight = {n: c / (sum(costs) / len(costs)) for n, c in zip(self.comp.targets, costs, strict=True)}
+
+    def trainable_parameters(self):
+        scores = [layer.scores for layer in self.lowrank_layers().values()]
+        ids = {id(p) for p in scores}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": scores, "lr": self.options.score_lr}, {"params": rest}]
+
+    def penalty_weight(self, step: int) -> float:
+        """``lambda_t``: geometric from lambda_start to lambda_end over the pruning phase."""
+        opts = self.options
+        p = min(step / max(opts.prune_fraction * self.total_steps, 1e-9), 1.0)
+        return opts.lambda_start * (opts.lambda_end / opts.lambda_start) ** p
+
+    def penalty(self):
+        if self.frozen:
+            return None
+        lam = self.penalty_weight(self.comp.step_count)
+        terms = [self.cost_weight[n] * torch.relu(layer.scores).sum() for n, layer in self.lowrank_layers().items()]
+        return lam * torch.stack(terms).sum()
+
+    @torch.no_grad()
+    def on_step(self, step: int) -> None:
+        if self.frozen:
+            return
+        pruned = 0
+        for name, layer in self.lowrank_layers().items():
+            dead = (layer.scores <= 0) & layer.active
+            if not bool(dead.any()):
+                continue
+            if int(dead.sum()) == layer.rank:  # keep at least one direction: the best of the dying ones
+                dead[int(layer.scores.argmax())] = False
+            idx = dead.nonzero().flatten()
+            for i in sorted(idx.tolist(), key=lambda j: float(layer.scores[j])):
+                origin = int(self.origin[name][i])
+                self.order.append((name, origin, step, float(layer.scores[i])))
+                self.reservoir[name][origin] = (layer.U[:, i].cpu().clone(), float(layer.S[i]),
+                                                layer.V[i].cpu().clone())
+            layer.prune_(~dead)
+            self.origin[name] = self.origin[name][~dead.cpu()]
+            pruned += len(idx)
+        if pruned:
+            self.comp.compact()
+        if self.comp.kept_cost() <= self.comp.config.budget * self.comp.total_cost:
+            self._freeze()
+        elif step >= self.options.prune_fraction * self.total_steps:
+            self._apply(self.materialize_ranks(self.comp.config.budget))  # the ranking cuts what is left
+            self._freeze()
+
+    def _freeze(self) -> None:
+        self.frozen = True
+        for layer in self.lowrank_layers().values():
+            layer.scores.requires_grad_(False)
+            layer.scores.grad = None
+
+    # ------------------------------------------------------------------ global ranking
+    def ranking(self) -> list[tuple[str, int]]:
+        """Every direction (layer, original index), most important first: survivors by score, then the
+        pruned ones from the last pruned to the first."""
+        alive = []
+        for name, layer in self.lowrank_layers().items():
+            alive += [(float(s), name, int(o)) for s, o in zip(layer.scores.tolist(), self.origin[name], strict=True)]
+        alive.sort(key=lambda t: -t[0])
+        return [(n, o) for _, n, o in alive] + [(n, o) for n, o, _, _ in reversed(self.order)]
+
+    def materialize_ranks(self, budget: float) -> dict[str, list[int]]:
+        """Original direction indices each layer keeps at ``budget``: the ranking's prefix that fits, exactly."""
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget!r}")
+        layers = self.lowrank_layers()
+        limit = budget * self.comp.total_cost
+        # what the directions do not account for: LoRA factors and layers kept dense
+        fixed = self.comp.kept_cost() - sum(
+            layer.active_rank * (layer.in_features + layer.out_features) for layer in layers.values())
+        chosen: dict[str, list[int]] = {n: [] for n in layers}
+        spent = fixed
+        for name, origin in self.ranking():
+            layer = layers[name]
+            K, N = layer.in_features, layer.out_features
+            if (len(chosen[name]) + 1) * (K + N) >= K * N:  # never past break-even
+                continue
+            if spent + K + N <= limit:
+                chosen[name].append(origin)
+                spent += K + N
+        empty = [n for n, c in chosen.items() if not c]
+        if empty:
+            raise ValueError(f"budget={budget:g} leaves no direction in {empty[:3]}: it is below what one direction "
+                             f"per layer costs")
+        return chosen
+
+    @torch.no_grad()
+    def _apply(self, chosen: dict[str, list[int]], model: nn.Module | None = None) -> None:
+        """Rebuild each layer of ``model`` (default: the training model) with exactly the ``chosen`` directions."""
+        model = self.model if model is None else model
+        for name, keep in chosen.items():
+            layer = model.get_submodule(name)
+            live = {int(o): i for i, o in enumerate(self.origin[name])}
+            keep = sorted(keep)
+            if all(o in live for o in keep):  # only removals: prune in place (optimizer state follows)
+                mask = torch.zeros(layer.rank, dtype=torch.bool)
+                mask[[live[o] for o in keep]] = True
+                if model is self.model:  # the run's own bookkeeping: ranking and reservoir
+                    for i in (~mask).nonzero().flatten().tolist():
+                        origin = int(self.origin[name][i])
+                        self.order.append((name, origin, self.comp.step_count, float(layer.scores[i])))
+                        self.reservoir[name][origin] = (layer.U[:, i].cpu().clone(), float(layer.S[i]),
+                                                        layer.V[i].cpu().clone())
+                    self.origin[name] = self.origin[name][mask]
+                layer.prune_(mask.to(layer.active.device))
+                layer.compact_(self.comp.optimizer if model is self.model else None)
+                continue
+            if model is self.model:
+                raise RuntimeError("ACIP can only remove directions from the training model; use materialize()")
+            new = copy.deepcopy(layer)
+            rows = [live[o] if o in live else None for o in keep]
+            U = torch.stack([layer.U[:, r] if r is not None else self.reservoir[name][o][0].to(layer.U)
+                             for o, r in zip(keep, rows, strict=True)], 1)
+            S = torch.tensor([float(layer.S[r]) if r is not None else self.reservoir[name][o][1]
+                              for o, r in zip(keep, rows, strict=True)], dtype=layer.S.dtype, device=layer.S.device)
+            V = torch.stack([layer.V[r] if r is not None else self.reservoir[name][o][2].to(layer.V)
+                             for o, r in zip(keep, rows, strict=True)], 0)
+            new.U, new.S, new.V = (nn.Parameter(t, requires_grad=False) for t in (U, S, V))
+            new.scores = nn.Parameter(torch.full_like(S, self.options.score_init), requires_grad=False)
+            new.active = torch.ones(len(keep), dtype=torch.bool, device=layer.active.device)
+            new.importance = None
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+
+    def materialize(self, budget: float) -> nn.Module:
+        """A compact copy of the model at ``budget`` (fraction of the targeted weights), from the global ranking.
+
+        Smaller budgets drop the least important directions; larger ones (up to what the run
+        kept plus every pruned direction) put reservoir directions back. The training model is
+        not changed.
+        """
+        model = copy.deepcopy(self.model)
+        self._apply(self.materialize_ranks(budget), model)
+        return model
+
+    def finalize(self) -> nn.Module:
+        if self.comp.kept_cost() > self.comp.config.budget * self.comp.total_cost:
+            self._apply(self.materialize_ranks(self.comp.config.budget))
+        self._freeze()
+        self.comp.compact()
+        return self.model
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        state = {"frozen": self.frozen, "order": self.order,
+                 "reservoir_index": {n: sorted(r) for n, r in self.reservoir.items()},
+                 "reservoir_S": {n: [r[o][1] for o in sorted(r)] for n, r in self.reservoir.items()}}
+        for name, origin in self.origin.items():
+            state[f"origin.{name}"] = origin
+        for name, res in self.reservoir.items():
+            if res:
+                state[f"resU.{name}"] = torch.stack([res[o][0] for o in sorted(res)], 1)
+                state[f"resV.{name}"] = torch.stack([res[o][2] for o in sorted(res)], 0)
+        return state
+
+    def load_state_dict(self, state) -> None:
+        self.frozen = bool(state["frozen"])
+        self.order = [tuple(t) for t in state["order"]]
+        for name in self.comp.targets:
+            self.origin[name] = state[f"origin.{name}"].cpu().long()
+            index, svals = state["reservoir_index"][name], state["reservoir_S"][name]
+            self.reservoir[name] = {}
+            if index:
+                U, V = state[f"resU.{name}"].cpu(), state[f"resV.{name}"].cpu()
+                self.reservoir[name] = {o: (U[:, j].clone(), s, V[j].clone())
+                                        for j, (o, s) in enumerate(zip(index, svals, strict=True))}
+        if self.frozen:
+            for layer in self.lowrank_layers().values():
+                layer.scores.requires_grad_(False)

@@ -1,0 +1,97 @@
+"""Base class of the joint fine-tune-and-compress methods driven by :class:`lrcomp.Compressor`.
+
+A method decides which layers become low-rank and how (``setup``), which parameters train
+(``trainable_parameters``), what it adds to the loss (``penalty``), what happens after every
+optimizer step (``on_step``: schedules, masks, pruning, compaction) and what the final model
+is (``finalize``). Its hyperparameters are a dataclass ``Options`` named after the paper's,
+with the paper's defaults, filled from ``CompressionConfig.method_options``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor, nn
+
+from lrcomp.layers.lowrank_linear import LowRankLinear
+
+if TYPE_CHECKING:
+    from lrcomp.methods.compressor import Compressor
+
+
+def build_options(options_cls: type, values: dict[str, Any], method: str):
+    """``options_cls(**values)`` with an error that lists the valid option names."""
+    valid = [f.name for f in dataclasses.fields(options_cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise TypeError(f"method_options {unknown} are not options of {method!r}; its options are {valid}")
+    return options_cls(**values)
+
+
+@dataclasses.dataclass
+class NoOptions:
+    pass
+
+
+class JointMethod:
+    """One joint method. Subclasses set ``name``, ``Options`` and override the hooks they need."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    #: calibration statistics ``setup`` needs (collected by the Compressor on ``calib_data``).
+    needed_stats: ClassVar[tuple[str, ...]] = ()
+    #: default weights of the logit-KL and feature distillation terms (config values override).
+    default_distill_weight: ClassVar[float] = 0.0
+    default_feature_weight: ClassVar[float] = 0.0
+
+    def __init__(self, compressor: Compressor) -> None:
+        self.comp = compressor
+        self.options = build_options(self.Options, dict(compressor.config.method_options), self.name)
+
+    # --------------------------------------------------------------- helpers
+    @property
+    def model(self) -> nn.Module:
+        return self.comp.model
+
+    @property
+    def total_steps(self) -> int:
+        return self.comp.config.total_steps
+
+    def progress(self, step: int) -> float:
+        """``step / total_steps`` clipped to [0, 1]."""
+        return min(max(step / self.total_steps, 0.0), 1.0)
+
+    def lowrank_layers(self) -> dict[str, LowRankLinear]:
+        """The targets that are LowRankLinear now, by name."""
+        return {n: m for n in self.comp.targets if isinstance(m := self.model.get_submodule(n), LowRankLinear)}
+
+    # --------------------------------------------------------------- hooks
+    def setup(self, stats) -> None:
+        """Replace the targeted layers and set which parameters train. ``stats``: calibration stats or None."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer must hold (default: every parameter that requires grad)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def penalty(self) -> Tensor | None:
+        """A term added to the loss at this step (None: nothing)."""
+        return None
+
+    def on_step(self, step: int) -> None:
+        """After optimizer step number ``step`` (1-based): schedules, masks, pruning, compaction."""
+
+    def finalize(self) -> nn.Module:
+        """The compact model at the budget (default: compact every low-rank target, drop dense branches)."""
+        for layer in self.lowrank_layers().values():
+            layer.drop_dense()
+        self.comp.compact()
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state for checkpoints: JSON-able values and tensors."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

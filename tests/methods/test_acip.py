@@ -1,0 +1,203 @@
+"""ACIP and the Compressor's generic behaviour (errors, distillation, compaction, resume) on a toy task."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lrcomp
+from lrcomp import CompressionConfig, Compressor
+from lrcomp.layers import LowRankLinear
+
+
+def _task(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(1024, 32, generator=g)
+    y = (X @ torch.randn(32, 4, generator=g)).argmax(1)
+    return X, y
+
+
+def _pretrained(seed=0):
+    """A small MLP trained briefly on the task (the 'foundation model')."""
+    torch.manual_seed(seed)
+    X, y = _task()
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        idx = torch.randint(0, len(X), (64,))
+        loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def _accuracy(model, X, y):
+    with torch.no_grad():
+        return (model(X).argmax(1) == y).float().mean().item()
+
+
+def _run(model, config, steps, comp=None, opt=None, start=0, seed=1):
+    """The training loop of the Compressor docstring; batches depend only on the step index."""
+    X, y = _task()
+    comp = comp or Compressor(model, config)
+    if opt is None:
+        opt = torch.optim.AdamW(comp.parameters(), lr=1e-3)
+        comp.attach(opt)
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(seed * 10_000 + step)
+        idx = torch.randint(0, len(X), (64,), generator=g)
+        out = model(X[idx])
+        loss = comp.loss(nn.functional.cross_entropy(out, y[idx]), inputs=X[idx], outputs=out)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        comp.step()
+    return comp, opt
+
+
+def _config(budget=0.5, steps=150, **kw):
+    return CompressionConfig(method="acip", budget=budget, total_steps=steps, target_modules=["0", "2"],
+                             method_options={"lora_rank": 2, **kw.pop("method_options", {})}, **kw)
+
+
+@pytest.mark.parametrize("budget", [0.8, 0.5, 0.3])
+def test_acip_ends_within_budget_and_keeps_accuracy(budget):
+    X, y = _task()
+    model = _pretrained()
+    base = _accuracy(model, X, y)
+    comp, _ = _run(model, _config(budget), 150)
+    final = comp.finalize()
+    assert comp.kept_cost() <= budget * comp.total_cost
+    assert all(isinstance(final.get_submodule(n), LowRankLinear) for n in ("0", "2"))
+    assert all(m.active_rank == m.rank for m in comp.method.lowrank_layers().values())  # compact
+    assert _accuracy(final, X, y) >= base - (0.05 if budget >= 0.5 else 0.25)
+    assert _accuracy(final, X, y) > 0.5  # chance is 0.25
+
+
+def test_acip_prunes_progressively_and_compacts_with_optimizer_state():
+    model = _pretrained()
+    comp, opt = _run(model, _config(0.5), 60)
+    ranks = [layer.rank for layer in comp.method.lowrank_layers().values()]
+    assert sum(ranks) < 32 + 64  # directions were dropped physically during the run
+    for layer in comp.method.lowrank_layers().values():
+        for p in (layer.scores,):
+            state = opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    assert state[key].shape == p.shape
+        assert any(p is layer.scores for group in opt.param_groups for p in group["params"])
+
+
+def test_compaction_keeps_outputs():
+    X, _ = _task()
+    model = _pretrained()
+    comp, opt = _run(model, _config(0.5), 30)
+    layer = comp.method.lowrank_layers()["2"]
+    with torch.no_grad():
+        layer.scores[:5] = -1.0  # mask five directions off
+    before = model(X).detach()
+    assert comp.compact() == 5
+    assert torch.allclose(model(X), before, atol=1e-6)
+
+
+def test_materialize_gives_the_whole_curve_from_one_run():
+    X, y = _task()
+    model = _pretrained()
+    comp, _ = _run(model, _config(0.3), 150)
+    comp.finalize()
+    accs, costs = [], []
+    for budget in (0.2, 0.3, 0.5, 0.8):
+        m = comp.method.materialize(budget)
+        cost = sum(m.get_submodule(n).num_parameters() - m.get_submodule(n).out_features for n in ("0", "2"))
+        assert cost <= budget * comp.total_cost
+        costs.append(cost)
+        accs.append(_accuracy(m, X, y))
+    assert costs == sorted(costs) and costs[-1] > costs[0]
+    assert accs[-1] >= accs[0]  # more directions, no worse
+    assert model.get_submodule("2").rank == comp.method.lowrank_layers()["2"].rank  # training model untouched
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    steps = 120
+    ref_model = _pretrained()
+    _run(ref_model, _config(0.5, steps), steps)
+    model = _pretrained()
+    comp, opt = _run(model, _config(0.5, steps), 70)
+    comp.save_checkpoint(tmp_path / "ckpt.safetensors")
+    fresh = _pretrained()
+    comp2 = Compressor(fresh, _config(0.5, steps))
+    opt2 = torch.optim.AdamW(comp2.parameters(), lr=1e-3)
+    comp2.attach(opt2)
+    comp2.load_checkpoint(tmp_path / "ckpt.safetensors")
+    assert comp2.step_count == 70
+    _run(fresh, None, steps, comp=comp2, opt=opt2, start=70)
+    for (n1, p1), (n2, p2) in zip(ref_model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert n1 == n2 and p1.shape == p2.shape and torch.equal(p1, p2), n1
+
+
+def test_distillation_gradient_flows_to_the_student():
+    model = _pretrained()
+    config = _config(0.5, distill_weight=1.0, feature_weight=1.0)
+    comp = Compressor(model, config)
+    X, y = _task()
+    with torch.no_grad():  # make the student differ from the teacher: mask half of layer 2's directions
+        comp.method.lowrank_layers()["2"].scores[::2] = -1.0
+    for term in ("kd", "feature"):
+        model.zero_grad()
+        out = model(X[:64])
+        comp.loss(out.sum() * 0.0, inputs=X[:64], outputs=out)  # the task term contributes nothing
+        assert comp.last_terms[term] > 1e-4
+        comp.distill_weight, comp.feature_weight = (1.0, 0.0) if term == "kd" else (0.0, 1.0)
+        out = model(X[:64])
+        comp.loss(out.sum() * 0.0, inputs=X[:64], outputs=out).backward()
+        lora_b = comp.method.lowrank_layers()["2"].lora_B.grad
+        assert lora_b is not None and lora_b.abs().sum() > 0, term
+
+
+def test_teacher_with_other_outputs_is_rejected():
+    model = _pretrained()
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 7))
+    comp = Compressor(model, _config(0.5, distill_weight=1.0), teacher=teacher)
+    X, _ = _task()
+    out = model(X[:8])
+    with pytest.raises(ValueError, match="teacher"):
+        comp.loss(out.sum(), inputs=X[:8], outputs=out)
+
+
+def test_default_teacher_is_a_frozen_dense_copy():
+    model = _pretrained()
+    dense = copy.deepcopy(model)
+    comp = Compressor(model, _config(0.5, distill_weight=1.0))
+    assert all(not p.requires_grad for p in comp.teacher.parameters())
+    assert type(comp.teacher.get_submodule("2")) is nn.Linear
+    assert torch.equal(comp.teacher.get_submodule("2").weight, dense.get_submodule("2").weight)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"method": "magic", "total_steps": 10}, "acip"),
+    ({"method": "acip", "total_steps": 0}, "total_steps"),
+    ({"method": "acip", "total_steps": -3}, "total_steps"),
+    ({"method": "acip"}, "total_steps"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionConfig(**kwargs)
+
+
+def test_compressor_errors():
+    model = _pretrained()
+    with pytest.raises(ValueError, match="lrcomp.compress"):
+        Compressor(model, CompressionConfig(method="svd", budget=0.5))
+    with pytest.raises(ValueError, match="cannot be reached"):
+        Compressor(model, _config(0.01))
+    with pytest.raises(ValueError, match="matches no nn.Linear.*'0'"):
+        Compressor(model, CompressionConfig(method="acip", total_steps=5, target_modules=["nope"]))
+    with pytest.raises(TypeError, match="lora_rank"):
+        Compressor(model, _config(0.5, method_options={"lora_rnk": 3}))
+    with pytest.raises(ValueError, match="prune_fraction"):
+        Compressor(model, _config(0.5, method_options={"prune_fraction": 0.0}))
+    with pytest.raises(ValueError, match="compress"):
+        lrcomp.compress(model, _config(0.5))
