@@ -11,13 +11,15 @@ Three experiments, written to ``benchmarks/results/compress_*.json``:
    ``||X W^T - X W_r^T||_F / ||X W^T||_F`` on the held-back activations X, at equal rank (each
    layer keeps half its parameters), for svd, asvd, fwsvd, svd_llm, sparsity_aware and
    jactus_union (mean over the 6 blocks per layer kind, and how often each method is best).
-2. ``compress_allocation``: svd_llm with the global allocator vs a uniform allocation at
-   budgets 0.8 / 0.5 / 0.3: total output error (sum over layers of squared errors over the sum
-   of squared outputs, held-back activations of the dense model) and the cosine of the
-   compressed model's sentence embeddings to the dense ones on the held-back sentences.
+2. ``compress_allocation``: svd_llm with a uniform allocation, the global allocator, and the
+   global allocator with loss-sensitivity weights (``sensitivity=True``: each layer's scores
+   times ``tr(G)/N`` of its output-gradient covariance) at budgets 0.8 / 0.5 / 0.3: total
+   output error (sum over layers of squared errors over the sum of squared outputs,
+   held-back activations of the dense model) and the cosine of the compressed model's
+   sentence embeddings to the dense ones on the held-back sentences.
 3. ``compress_latency``: a CPU latency table measured here (``measure_latency_table``), then
-   svd_llm at budget 0.5 of the latency vs 0.5 of the parameters: ranks chosen per layer kind,
-   parameters kept, measured forward time of the whole model and embedding cosine.
+   svd_llm (global, sensitivity-weighted) at budget 0.5 of the latency vs 0.5 of the parameters:
+   ranks chosen per layer kind, parameters kept, measured forward time of the whole model and embedding cosine.
 
     python benchmarks/bench_compress.py            # about 3-6 minutes on 2 CPU cores
 """
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5, 0.3])
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,8 +210,9 @@ def main(argv=None) -> int:
     # 2. global vs uniform allocation (svd_llm)
     alloc_rows = []
     for budget in args.budgets:
-        for allocation in ("uniform", "global"):
-            config = lrcomp.CompressionConfig(method="svd_llm", budget=budget, allocation=allocation,
+        for allocation in ("uniform", "global", "global+sensitivity"):
+            config = lrcomp.CompressionConfig(method="svd_llm", budget=budget, allocation=allocation.split("+")[0],
+                                              sensitivity=allocation.endswith("sensitivity"),
                                               exclude_modules=["pooler.dense"])
             compressed = lrcomp.compress(copy.deepcopy(model), config, calib)
             num = den = 0.0
@@ -238,7 +241,7 @@ def main(argv=None) -> int:
     lat_rows = []
     for cost in ("params", "latency"):
         config = lrcomp.CompressionConfig(method="svd_llm", budget=0.5, cost=cost, cost_table=table,
-                                          exclude_modules=["pooler.dense"])
+                                          sensitivity=True, exclude_modules=["pooler.dense"])
         compressed = lrcomp.compress(copy.deepcopy(model), config, calib)
         models[cost] = compressed
         ranks = {}

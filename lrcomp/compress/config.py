@@ -38,6 +38,9 @@ class CompressionConfig:
         calib_group_size: calibrate this many layers at a time (bounded memory; None: all at once).
         calib_save_path: safetensors file where calibration statistics are saved and resumed from.
         loss_fn: ``(outputs, batch) -> scalar`` for gradient statistics (fisher, grad_cov).
+        sensitivity: with the global allocator, weight each layer's direction scores by its loss
+            sensitivity ``tr(G) / N`` (G: output-gradient covariance; needs a loss), so that
+            scores compare across layers in units of the loss rather than of each layer's output.
         total_steps: optimizer steps of a joint run (its schedules end there); joint methods only.
         distill_weight: weight of the logit KL to the dense teacher (None: the method's default).
         feature_weight: weight of the per-layer feature MSE to the teacher (None: the method's default).
@@ -57,6 +60,7 @@ class CompressionConfig:
     calib_group_size: int | None = None
     calib_save_path: str | Path | None = None
     loss_fn: Callable | None = None
+    sensitivity: bool = False
     total_steps: int | None = None
     distill_weight: float | None = None
     feature_weight: float | None = None
@@ -100,5 +104,9 @@ class CompressionConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        if not isinstance(self.sensitivity, bool):
+            raise TypeError(f"sensitivity must be a bool, got {self.sensitivity!r}")
+        if self.sensitivity and self.allocation != "global":
+            raise ValueError("sensitivity=True weights the global allocator's scores: it needs allocation='global'")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")

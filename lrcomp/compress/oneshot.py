@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from lrcomp.calib.calibrate import calibrate
@@ -28,6 +29,18 @@ def _exact(names: Iterable[str]) -> str:
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
+
+
+def layer_sensitivity(grad_cov: torch.Tensor) -> float:
+    """``tr(G) / N``: the mean squared loss gradient per output unit of a layer (G = E[g g^T], g = dL/dy).
+
+    An output error e costs about ``E[g . e]^2``-order loss; with errors spread over the output
+    directions, ``E[(g . e)^2] ~ tr(G) / N * ||e||^2``. Multiplying a layer's per-direction
+    output-error reductions by it makes them comparable across layers in units of the loss:
+    without it a global allocator treats an error in a query projection (damped by the
+    softmax) like one in a residual-stream projection.
+    """
+    return float(torch.diagonal(grad_cov).sum() / grad_cov.shape[0])
 
 
 def _uniform_ranks(model: nn.Module, names: list[str], budget: float) -> dict[str, int]:
@@ -69,6 +82,8 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
     needed = REQUIRED_STATS[config.method]
     if config.loss_fn is not None:  # gradient statistics the method uses when it can have them
         needed = needed + OPTIONAL_STATS[config.method]
+    if config.sensitivity and config.allocation == "global":
+        needed = tuple(dict.fromkeys(needed + ("grad_cov",)))
     stats = None
     if needed:
         if calib_data is None:
@@ -82,9 +97,11 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
         ranks = _uniform_ranks(model, targets, config.budget)
     else:
         for name in targets:
-            _set_module(model, name, factorize(originals[name], None, method=config.method,
-                                               stats=stats[name] if stats is not None else None,
-                                               **config.method_options))
+            layer = factorize(originals[name], None, method=config.method,
+                              stats=stats[name] if stats is not None else None, **config.method_options)
+            if config.sensitivity:
+                layer.importance = layer.importance * layer_sensitivity(stats[name]["grad_cov"])
+            _set_module(model, name, layer)
         table = config.cost_table
         if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
             table = LatencyTable.from_json(table)

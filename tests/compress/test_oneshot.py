@@ -159,3 +159,24 @@ def test_latency_cost_uses_the_table():
     spent = sum(table.lowrank_us(*shape, alloc[name]) if name in alloc else table.dense_us(*shape)
                 for name, shape in zip(["0", "2", "4"], shapes, strict=True))
     assert spent <= 0.5 * 30.0 + 1e-6
+
+
+def test_sensitivity_weights_scores_by_the_loss_gradient():
+    def loss_fn(outputs, batch):
+        return outputs[:, 0].square().mean()  # only the first output matters
+
+    data = _data()
+    model = lrcomp.compress(_toy(), CompressionConfig(method="svd_llm", budget=0.5, sensitivity=True,
+                                                      loss_fn=loss_fn), data)
+    plain = lrcomp.compress(_toy(), CompressionConfig(method="svd_llm", budget=0.5), data)
+    assert dict(model.lrcomp_allocation) != dict(plain.lrcomp_allocation)
+    assert model.lrcomp_allocation.kept_cost <= 0.5 * model.lrcomp_allocation.total_cost
+    with pytest.raises(ValueError, match="allocation='global'"):
+        CompressionConfig(sensitivity=True, allocation="uniform")
+
+
+def test_layer_sensitivity_is_mean_squared_gradient():
+    from lrcomp.compress.oneshot import layer_sensitivity
+
+    g = torch.randn(100, 6, dtype=torch.float64)
+    assert layer_sensitivity(g.T @ g / 100) == pytest.approx(g.square().mean().item(), rel=1e-12)
