@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lrcomp import atomic
 
 STAT_NAMES = ("input_cov", "grad_cov", "input_abs_mean", "fisher")
 """Every statistic :func:`lrcomp.calib.calibrate` can collect, in canonical order."""
@@ -138,9 +139,6 @@ class CalibrationStats(Mapping):
     # -- persistence -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write to ``path`` as safetensors, atomically (temporary file + ``os.replace``)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
         tensors = {f"{layer}{_SEP}{stat}": t for layer, entry in self._data.items() for stat, t in entry.items()}
         metadata = {
             "format": _FORMAT,
@@ -150,16 +148,7 @@ class CalibrationStats(Mapping):
             "batches": json.dumps(self._batches),
             "config": json.dumps(self._config),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic.save_safetensors(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:

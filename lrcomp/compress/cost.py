@@ -26,15 +26,14 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lrcomp import atomic
 from lrcomp.backend import get_backend, set_backend
 from lrcomp.layers.lowrank_linear import LowRankLinear
 
@@ -183,19 +182,7 @@ class LatencyTable:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the table as JSON atomically (temporary file in the same folder, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic.write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> LatencyTable:

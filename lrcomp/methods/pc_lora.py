@@ -1,0 +1,177 @@
+"""PC-LoRA: progressive compression with low-rank adapters and feature distillation.
+
+Hwang, Park, Lee, Yang, Maeng (2024), "PC-LoRA: Low-Rank Adaptation for Progressive Model
+Compression with Knowledge Distillation". Every targeted linear layer (``W0 [N, K]`` frozen) becomes
+
+    y = lam(t) * W0 x + B A x + b,      B [N, q] (zeros), A [q, K] (Kaiming), lam: 1 -> 0
+
+held by a :class:`LowRankLinear` with ``U = B``, ``V = A``, ``S = 1`` (frozen), the dense branch
+attached with ``dense_scale = lam(t)``. ``lam`` decays on ``schedule`` over the first
+``decay_ratio * total_steps`` steps and is exactly 0 from there on (the dense branch is then
+dropped, so the rest of the run already trains and runs the compact model); the loss is the task
+loss plus feature distillation of every targeted layer's output to the frozen dense teacher
+(``default_feature_weight``; a logit KL is added when ``CompressionConfig.distill_weight > 0``).
+At the end only ``B``, ``A`` (and the biases) remain.
+
+Rank: the paper uses one rank ``q`` for every layer. Here ``q`` (option ``rank``, default None)
+is the largest single rank whose final cost fits the budget over the targeted layers:
+
+    q = max { q : q * sum_l (K_l + N_l) <= budget * sum_l K_l N_l }
+
+(a layer with ``min(K_l, N_l) < q`` keeps ``min(K_l, N_l)``, which only lowers the cost), so
+``kept_cost = sum_l min(q, K_l, N_l) (K_l + N_l) <= budget * total_cost`` at finalize.
+
+Differences from the paper: the paper decays the pretrained layer's bias together with ``W0``
+(``lam (W0 x + b0)``) and trains a new adapter bias ``C`` initialised at 0; here the layer keeps
+one trainable bias initialised at ``b0`` (same output at ``t = 0``, one bias at the end either
+way). ``init="svd"`` (not in the paper) starts ``B A`` at the truncated SVD of ``W0``
+(``B = U_q sqrt(S_q)``, ``A = sqrt(S_q) V_q``) instead of LoRA's zero product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lrcomp.layers.lowrank_linear import LowRankLinear
+from lrcomp.methods.base import JointMethod
+from lrcomp.methods.schedules import decay
+
+PC_LORA_SCHEDULES = ("linear", "cosine", "sine")
+PC_LORA_INITS = ("lora", "svd")
+
+
+@dataclasses.dataclass
+class PCLoRAOptions:
+    """Options of ``method="pc_lora"`` (``CompressionConfig.method_options``).
+
+    Attributes:
+        rank: the adapter rank ``q`` of every layer (the paper's single hyperparameter of size);
+            None = the largest ``q`` that fits the budget. An explicit rank over budget is an error.
+        decay_ratio: fraction of ``total_steps`` over which ``lam`` goes from 1 to 0 (the paper's
+            decay end point ``q`` of its schedule ``lam(n)``, as a fraction of the run).
+        schedule: shape of the decay: "linear" ``1 - p``, "cosine" ``(1 + cos(pi p)) / 2`` or
+            "sine" ``1 - sin(pi p / 2)`` (the three decay functions the paper compares).
+        init: "lora" (B = 0, A Kaiming-uniform, as LoRA and the paper) or "svd" (B A = truncated SVD of W0).
+    """
+
+    rank: int | None = None
+    # The paper ends the decay before the end of fine-tuning so that the adapters alone are
+    # fine-tuned afterwards; half the run is used here.
+    decay_ratio: float = 0.5
+    # The paper compares sine, linear and cosine decays; cosine is the default here.
+    schedule: str = "cosine"
+    # LoRA initialisation (Hu et al. 2021), as in the paper: the run starts exactly at the dense model.
+    init: str = "lora"
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"rank must be None or an int >= 1, got {self.rank!r}")
+        if isinstance(self.decay_ratio, bool) or not isinstance(self.decay_ratio, (int, float)) or not (
+                math.isfinite(self.decay_ratio) and 0.0 < self.decay_ratio <= 1.0):
+            raise ValueError(f"decay_ratio must be a fraction in (0, 1] of total_steps, got {self.decay_ratio!r}")
+        self.decay_ratio = float(self.decay_ratio)
+        if self.schedule not in PC_LORA_SCHEDULES:
+            raise ValueError(f"schedule must be one of {PC_LORA_SCHEDULES}, got {self.schedule!r}")
+        if self.init not in PC_LORA_INITS:
+            raise ValueError(f"init must be one of {PC_LORA_INITS}, got {self.init!r}")
+
+
+def uniform_rank(shapes: list[tuple[int, int]], budget: float) -> int:
+    """Largest ``q`` with ``q * sum(K + N) <= budget * sum(K N)`` over ``shapes`` ``[(K, N), ...]`` (0 if none)."""
+    total = sum(K * N for K, N in shapes)
+    per_rank = sum(K + N for K, N in shapes)
+    q = math.floor(budget * total / per_rank)
+    while q > 0 and q * per_rank > budget * total:  # float round-off at the edge
+        q -= 1
+    return q
+
+
+class PCLoRA(JointMethod):
+    """PC-LoRA (Hwang et al. 2024): ``lam(t) W0 x + B A x``, lam 1 -> 0, task + feature distillation."""
+
+    name: ClassVar[str] = "pc_lora"
+    Options: ClassVar[type] = PCLoRAOptions
+    default_distill_weight: ClassVar[float] = 0.0
+    # The paper trains on the task loss plus the feature-KD term, weighted equally here.
+    default_feature_weight: ClassVar[float] = 1.0
+
+    def __init__(self, compressor) -> None:
+        super().__init__(compressor)
+        self.lam = 1.0
+        self.ranks: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def decay_steps(self) -> int:
+        """Steps over which lam goes from 1 to 0 (at least 1)."""
+        return max(1, round(self.options.decay_ratio * self.total_steps))
+
+    def lam_at(self, step: int) -> float:
+        """``lam`` after optimizer step ``step``: 1 at 0, exactly 0 from ``decay_steps`` on."""
+        p = step / self.decay_steps
+        return 0.0 if p >= 1.0 else decay(self.options.schedule, p)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, stats) -> None:
+        model, opts = self.model, self.options
+        linears = {n: model.get_submodule(n) for n in self.comp.targets}
+        shapes = [(m.in_features, m.out_features) for m in linears.values()]
+        budget = self.comp.config.budget
+        q = uniform_rank(shapes, budget) if opts.rank is None else opts.rank
+        ranks = {n: min(q, m.in_features, m.out_features) for n, m in linears.items()}
+        cost = sum(r * (m.in_features + m.out_features) for r, m in zip(ranks.values(), linears.values(), strict=True))
+        if cost > budget * self.comp.total_cost:
+            raise ValueError(f"rank={q} keeps {cost / self.comp.total_cost:.4f} of the targeted weights, over "
+                             f"budget={budget:g}; the largest rank within the budget is {uniform_rank(shapes, budget)}")
+        self.ranks = ranks
+        for name, linear in linears.items():
+            layer = self._adapter(linear, ranks[name])
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        self.lam = 1.0
+
+    def _adapter(self, linear: nn.Linear, rank: int) -> LowRankLinear:
+        weight = linear.weight.detach()
+        K, N = linear.in_features, linear.out_features
+        layer = LowRankLinear(K, N, rank, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            if self.options.init == "lora":
+                nn.init.kaiming_uniform_(layer.V, a=math.sqrt(5))  # A, as LoRA
+                layer.U.zero_()  # B = 0: the run starts exactly at the dense model
+            else:
+                u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+                root = s[:rank].sqrt()
+                layer.U.copy_(u[:, :rank] * root)
+                layer.V.copy_(root[:, None] * vh[:rank])
+            layer.S.fill_(1.0)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        layer.S.requires_grad_(False)
+        layer.scores.requires_grad_(False)
+        layer.attach_dense(weight.clone(), scale=1.0)
+        return layer
+
+    def on_step(self, step: int) -> None:
+        self.lam = self.lam_at(step)
+        for layer in self.lowrank_layers().values():
+            if self.lam == 0.0:
+                if layer.dense_weight is not None:
+                    layer.drop_dense()  # W0 no longer counts: free it, the rest of the run is compact
+            elif layer.dense_weight is not None:
+                layer.dense_scale = self.lam
+
+    def finalize(self) -> nn.Module:
+        self.lam = 0.0
+        return super().finalize()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lam": self.lam, "ranks": dict(self.ranks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lam = float(state.get("lam", self.lam))
+        self.ranks = {k: int(v) for k, v in state.get("ranks", self.ranks).items()}
