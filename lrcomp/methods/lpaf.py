@@ -1,0 +1,335 @@
+"""LPAF: low-rank prune-and-factorize (Ren & Zhu 2023, "Low-Rank Prune-And-Factorize for Language
+Model Compression").
+
+Three phases over ``total_steps = T``:
+
+1. **First-order (movement) pruning** for the first ``t_1 = round(prune_frac T)`` steps. Every target
+   ``W [N, K]`` becomes a :class:`MaskedLinear` (``y = x (W * mask)^T + b``, ``mask`` a bool buffer)
+   and accumulates the movement scores of Sanh et al. 2020 at every backward pass,
+
+       S <- S - W * dL/dW'          (W' = W * mask: straight-through, pruned weights keep a score)
+
+   After every step the ``k(t) = round(s(t) N K)`` weights of lowest score are masked, with the cubic
+   schedule of Zhu & Gupta 2017 between a warm-up and a cool-down (``t_w = round(warmup_frac t_1)``,
+   ``t_f = t_1 - round(cooldown_frac t_1)``)::
+
+       s(t) = 0 (t <= t_w),   s_f (1 - (1 - (t - t_w) / (t_f - t_w))^3) (t_w < t < t_f),   s_f (t >= t_f)
+
+   so at ``t_1`` each layer has exactly ``round(s_f N K)`` weights masked.
+2. **Sparsity-aware SVD initialisation and mixed-rank allocation** at step ``t_1``: each sparse
+   ``W * mask`` is factored by :func:`lrcomp.factorize` ``method="sparsity_aware"`` with the element
+   importance ``|S| * mask`` (``importance="movement"``) or the accumulated first-order importance
+   ``sum_t |W * dL/dW'| * mask`` (``importance="first_order"``); pruned weights weigh nothing. The
+   global allocator (:func:`lrcomp.allocate_ranks`, score = the factorisation's importance, cost
+   ``config.cost``, budget ``config.budget``; or ``allocation="uniform"``) gives every layer its own
+   rank, and each layer keeps its top directions as a :class:`LowRankLinear` (``U, S, V`` train, the
+   mask scores do not). Layers the allocator keeps dense stay :class:`MaskedLinear` with the mask
+   released (all ones; their masked weights restart from 0) and train densely; :meth:`LPAF.finalize`
+   turns them into plain ``nn.Linear``.
+3. **Mixed-rank fine-tuning** of the factors (and everything else that trains) to ``T``.
+
+Optimizer: the dense weight of a factored layer leaves ``comp.optimizer`` and its ``U, S, V`` take its
+place in the same parameter group with fresh state (:func:`swap_params_in_optimizer`); the bias is
+the same ``Parameter`` object before and after, so its state carries on. Checkpoints after the
+boundary rebuild this structure through :meth:`LPAF.restore_structure`.
+
+Differences from the paper (whose text was not available offline, so the following is stated rather
+than checked): "mixed-rank" here means per-layer ranks from one global, cost-aware budget; the
+weighted low-rank problem is solved with the rank-1 surrogate of the importance matrix that
+``sparsity_aware`` documents; the default final sparsity is ``1 - budget`` (prune as much as the
+factorisation will remove); the ranks are fixed from the boundary on (no progressive rank pruning in
+phase 3). The movement scores are accumulated by a tensor hook at every backward pass, so a model run
+twice per step (activation checkpointing) counts its gradient twice; a budget counted in latency that
+keeps more parameters than the budget falls back to a parameter allocation (with a warning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrcomp.compress.allocate import allocate_ranks, importance_keep_mask
+from lrcomp.compress.cost import LatencyTable
+from lrcomp.compress.factorizations import factorize
+from lrcomp.compress.oneshot import _uniform_ranks
+from lrcomp.layers.lowrank_linear import LowRankLinear
+from lrcomp.methods.base import JointMethod
+from lrcomp.methods.schedules import decay
+
+IMPORTANCES = ("movement", "first_order")
+
+
+@dataclasses.dataclass
+class LPAFOptions:
+    target_sparsity: float | None = None  # final unstructured sparsity s_f of phase 1 (None: 1 - budget)
+    prune_frac: float = 0.5  # share of total_steps spent in phase 1 (pruning); the rest fine-tunes the factors
+    # Warm-up / cool-down of the cubic schedule as shares of phase 1 (Sanh et al. 2020 keep the model
+    # dense at first and hold the final sparsity at the end; Zhu & Gupta 2017's cubic ramp in between).
+    warmup_frac: float = 0.1
+    cooldown_frac: float = 0.2
+    importance: str = "movement"  # element importance of the sparsity-aware SVD: "movement" or "first_order"
+    min_scale: float = 1e-6  # floor of the row / column importance sums (factorize's sparsity_aware option)
+
+    def __post_init__(self) -> None:
+        ts = self.target_sparsity
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0 <= ts < 1):
+            raise ValueError(f"lpaf option target_sparsity must be None or a fraction in [0, 1), got {ts!r}")
+        if isinstance(self.prune_frac, bool) or not isinstance(self.prune_frac, (int, float)) \
+                or not 0 < self.prune_frac < 1:
+            raise ValueError(f"lpaf option prune_frac must be in (0, 1), got {self.prune_frac!r}")
+        for name in ("warmup_frac", "cooldown_frac"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"lpaf option {name} must be in [0, 1), got {value!r}")
+        if self.warmup_frac + self.cooldown_frac >= 1:
+            raise ValueError(f"lpaf options warmup_frac + cooldown_frac must be < 1 (room for the cubic ramp), got "
+                             f"{self.warmup_frac} + {self.cooldown_frac}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"lpaf option importance must be one of {IMPORTANCES}, got {self.importance!r}")
+        if isinstance(self.min_scale, bool) or not isinstance(self.min_scale, (int, float)) \
+                or not 0 < self.min_scale <= 1:
+            raise ValueError(f"lpaf option min_scale must be in (0, 1], got {self.min_scale!r}")
+
+
+class MaskedLinear(nn.Linear):
+    """``y = x (W * mask)^T + b`` with movement-score accumulation.
+
+    Buffers (in the state dict, so checkpoints carry them): ``mask`` bool ``[N, K]``; ``movement``
+    fp32 ``[N, K]``, ``S = -sum W * dL/dW'``; ``first_order`` fp32 ``[N, K]``, ``sum |W * dL/dW'|``
+    (``W' = W * mask``, accumulated at every backward pass while ``track`` is True).
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> MaskedLinear:
+        """A masked layer sharing ``linear``'s weight and bias Parameters (mask all ones)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight, layer.bias = linear.weight, linear.bias
+        shape, device = linear.weight.shape, linear.weight.device
+        layer.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))
+        layer.register_buffer("movement", torch.zeros(shape, dtype=torch.float32, device=device))
+        layer.register_buffer("first_order", torch.zeros(shape, dtype=torch.float32, device=device))
+        layer.track = True
+        return layer.train(linear.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight * self.mask
+        if self.track and torch.is_grad_enabled() and weight.requires_grad:
+            weight.register_hook(self._accumulate)
+        return F.linear(x, weight, self.bias)
+
+    @torch.no_grad()
+    def _accumulate(self, grad: Tensor) -> None:
+        step = self.weight.detach().float() * grad.float()
+        self.movement.sub_(step)
+        self.first_order.add_(step.abs())
+
+    @torch.no_grad()
+    def prune_to(self, count: int) -> None:
+        """Mask exactly the ``count`` weights of lowest movement score (ties: lower flat index first)."""
+        order = torch.argsort(self.movement.flatten(), stable=True)
+        mask = torch.ones(self.mask.numel(), dtype=torch.bool, device=self.mask.device)
+        mask[order[:count]] = False
+        self.mask.copy_(mask.view_as(self.mask))
+
+    @torch.no_grad()
+    def release_mask(self) -> None:
+        """Dense from now on: the masked weights restart from 0, every weight trains, no more scores."""
+        self.weight.mul_(self.mask)
+        self.mask.fill_(True)
+        self.track = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``W * mask`` (same Parameter objects)."""
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+        linear = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear.train(self.training)
+
+
+def swap_params_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Parameter,
+                             new: list[nn.Parameter]) -> None:
+    """Make ``optimizer`` train ``new`` instead of ``old``.
+
+    ``new`` takes ``old``'s place in its parameter group (same hyperparameters, same position, so the
+    parameter order is deterministic and a checkpoint's optimizer state maps back), ``old``'s state is
+    dropped and the new parameters start with fresh state (AdamW: zero moments, step 0). No-op when
+    ``optimizer`` is None.
+
+    Raises:
+        ValueError: ``old`` is not in any of the optimizer's parameter groups.
+    """
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        index = next((i for i, p in enumerate(group["params"]) if p is old), None)
+        if index is not None:
+            group["params"] = group["params"][:index] + list(new) + group["params"][index + 1:]
+            optimizer.state.pop(old, None)
+            return
+    raise ValueError("the optimizer does not hold the dense weight being factored: build it from comp.parameters()")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+class LPAF(JointMethod):
+    """See the module docstring: movement pruning, sparsity-aware SVD, mixed-rank fine-tuning."""
+
+    name = "lpaf"
+    Options = LPAFOptions
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def boundary(self) -> int:
+        """``t_1``: the step at which phase 1 ends and the layers are factored."""
+        return max(1, round(self.options.prune_frac * self.total_steps))
+
+    @property
+    def final_sparsity(self) -> float:
+        ts = self.options.target_sparsity
+        return 1.0 - self.comp.config.budget if ts is None else float(ts)
+
+    def sparsity(self, step: int) -> float:
+        """``s(t)``: the cubic schedule of phase 1 (see the module docstring)."""
+        t1 = self.boundary
+        tw = round(self.options.warmup_frac * t1)
+        tf = max(t1 - round(self.options.cooldown_frac * t1), tw + 1)
+        if step <= tw:
+            return 0.0
+        if step >= tf:
+            return self.final_sparsity
+        return self.final_sparsity * (1.0 - decay("cubic", (step - tw) / (tf - tw)))
+
+    def pruned_count(self, step: int, numel: int) -> int:
+        return round(self.sparsity(step) * numel)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, stats) -> None:
+        self.factored = False
+        self.ranks: dict[str, int] = {}
+        for name in self.comp.targets:
+            _set_module(self.model, name, MaskedLinear.from_linear(self.model.get_submodule(name)))
+
+    def masked_layers(self) -> dict[str, MaskedLinear]:
+        return {n: m for n in self.comp.targets if isinstance(m := self.model.get_submodule(n), MaskedLinear)}
+
+    def on_step(self, step: int) -> None:
+        if self.factored:
+            return
+        if step <= self.boundary:
+            for layer in self.masked_layers().values():
+                layer.prune_to(self.pruned_count(step, layer.weight.numel()))
+        if step >= self.boundary:
+            self.factorize_layers()
+
+    @torch.no_grad()
+    def _allocate(self) -> dict[str, int]:
+        config = self.comp.config
+        if config.allocation == "uniform":
+            return _uniform_ranks(self.model, self.comp.targets, config.budget)
+        table = config.cost_table
+        if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
+            table = LatencyTable.from_json(table)
+        kw = {"score": "importance", "min_rank": config.min_rank, "target_modules": self.comp._exact()}
+        ranks = allocate_ranks(self.model, config.budget, cost=config.cost, cost_table=table, **kw)
+        kept = sum(ranks[n] * (m.in_features + m.out_features) if n in ranks else m.in_features * m.out_features
+                   for n, m in ((n, self.model.get_submodule(n)) for n in self.comp.targets))
+        if kept > config.budget * self.comp.total_cost:
+            # The Compressor checks the budget in parameters; a latency allocation may keep more.
+            warnings.warn(f"lpaf: the {config.cost} allocation keeps {kept / self.comp.total_cost:.4f} of the "
+                          f"targeted weights, over budget={config.budget:g}: allocating by parameters instead",
+                          RuntimeWarning, stacklevel=2)
+            ranks = allocate_ranks(self.model, config.budget, cost="params", **kw)
+        return dict(ranks)
+
+    @torch.no_grad()
+    def factorize_layers(self) -> None:
+        """Phase 2: sparsity-aware SVD of every masked layer, global rank allocation, optimizer swap."""
+        masked = self.masked_layers()
+        full = {}
+        for name, layer in masked.items():
+            sparse = nn.Linear(layer.in_features, layer.out_features, bias=False, device=layer.weight.device,
+                               dtype=layer.weight.dtype)
+            sparse.weight.copy_(layer.weight * layer.mask)
+            source = layer.movement.abs() if self.options.importance == "movement" else layer.first_order
+            element = source.to(torch.float64) * layer.mask
+            full[name] = factorize(sparse, None, method="sparsity_aware", importance=element,
+                                   min_scale=self.options.min_scale)
+            _set_module(self.model, name, full[name])
+        try:
+            ranks = self._allocate()
+        finally:
+            for name, layer in masked.items():
+                _set_module(self.model, name, layer)
+        for name, layer in masked.items():
+            if name not in ranks:
+                layer.release_mask()
+                continue
+            lowrank = full[name].prune_(importance_keep_mask(full[name], ranks[name])).compact_()
+            self._install(name, layer, lowrank)
+        self.ranks = ranks
+        self.factored = True
+        self._rebind_taps()
+
+    def _install(self, name: str, dense: MaskedLinear, lowrank: LowRankLinear) -> None:
+        """Put ``lowrank`` in place of ``dense``: shared bias, frozen scores, weight -> U, S, V in the optimizer."""
+        lowrank.bias = dense.bias
+        lowrank.scores.requires_grad_(False)
+        for p in (lowrank.U, lowrank.S, lowrank.V):
+            p.requires_grad_(dense.weight.requires_grad)
+        new = [lowrank.U, lowrank.S, lowrank.V] if dense.weight.requires_grad else []
+        if dense.weight.requires_grad:
+            swap_params_in_optimizer(self.comp.optimizer, dense.weight, new)
+        _set_module(self.model, name, lowrank.train(dense.training))
+
+    def _rebind_taps(self) -> None:
+        tap = getattr(self.comp, "_student_tap", None)
+        if tap is not None:
+            tap.bind(self.model, self.comp.targets)
+
+    def restore_structure(self, structure) -> None:
+        """Before a checkpoint is loaded: rebuild the phase-2 structure it was saved with (values come from it)."""
+        if self.factored or not any(info["type"] == "lowrank" for info in structure.values()):
+            return
+        masked = self.masked_layers()
+        for name, info in structure.items():
+            layer = masked[name]
+            if info["type"] != "lowrank":
+                layer.release_mask()
+                continue
+            lowrank = LowRankLinear(layer.in_features, layer.out_features, info["rank"], bias=layer.bias is not None,
+                                    device=layer.weight.device, dtype=layer.weight.dtype)
+            self._install(name, layer, lowrank)
+            self.ranks[name] = info["rank"]
+        self.factored = True
+        self._rebind_taps()
+
+    def finalize(self) -> nn.Module:
+        """Factor now if phase 2 has not happened; plain ``nn.Linear`` for the dense layers; compact."""
+        if not self.factored:
+            self.factorize_layers()
+        for name, layer in self.masked_layers().items():
+            _set_module(self.model, name, layer.to_linear())
+        return super().finalize()
+
+    def state_dict(self):
+        return {"factored": self.factored, "ranks": dict(self.ranks)}
+
+    def load_state_dict(self, state) -> None:
+        self.factored = bool(state.get("factored", False))
+        self.ranks = dict(state.get("ranks", {}))
+        for layer in self.masked_layers().values():
+            layer.track = not self.factored
+
+
