@@ -40,6 +40,26 @@ LAYOUTS = {
         ("rel_err_max", "layer err max", ".3f"), ("cos_mean", "cos mean", ".3f"), ("cos_min", "cos min", ".3f"),
         ("t_dense_ms", "dense (ms)", ".1f"), ("t_lowrank_ms", "compressed (ms)", ".1f"),
         ("speed_ratio", "time ratio", ".3f"), ("speed_ratio_min", "ratio of minima", ".3f")]),
+    "quality_cpu": ("Quality: MiniLM fine-tuned on fortune categories, test accuracy at a budget of the encoder "
+                    "linears (dense FT, fine-tune -> compress -> fine-tune, joint methods; same total steps)", [
+        ("method", "method", ""), ("budget", "budget", ".2f"), ("seeds_str", "seeds", ""),
+        (("acc_mean", "acc_std"), "accuracy (mean ± std)", ".3f"),
+        ("params_kept_fraction", "kept params (linears)", ".3f"), ("wall_s_mean", "wall time (s)", ".1f"),
+        ("status", "status", ""), ("note", "note", "")]),
+    "compress_factorizations": ("One-shot factorisations at equal rank (half of each layer's parameters): relative "
+                                "output error on held-back MiniLM activations, mean per layer kind", [
+        ("layer_kind", "layer kind", ""), ("layers", "layers", "d"), ("rank", "rank", ""),
+        ("svd", "svd", ".4g"), ("asvd", "asvd", ".4g"), ("fwsvd", "fwsvd", ".4g"), ("svd_llm", "svd_llm", ".4g"),
+        ("sparsity_aware", "sparsity_aware", ".4g"), ("jactus_union", "jactus_union", ".4g")]),
+    "compress_allocation": ("Global vs uniform rank allocation (svd_llm): total output error and embedding cosine", [
+        ("budget", "budget", ".2f"), ("allocation", "allocation", ""), ("kept_fraction", "kept params", ".3f"),
+        ("dense_layers", "layers kept dense", "d"), ("total_output_error", "total output error", ".4f"),
+        ("cos_mean", "cos mean", ".4f"), ("cos_min", "cos min", ".4f")]),
+    "compress_latency": ("Latency-aware vs parameter budget (svd_llm, 0.5): ranks per layer kind, measured CPU "
+                         "forward", [
+        ("cost", "budget counts", ""), ("budget", "budget", ".2f"), ("ranks", "ranks per layer kind", ""),
+        ("cos_mean", "cos mean", ".4f"), ("t_dense_ms", "dense (ms)", ".1f"), ("t_ms", "compressed (ms)", ".1f"),
+        ("speed_ratio", "time ratio", ".3f")]),
 }
 
 
@@ -52,6 +72,16 @@ def _cell(value, fmt: str) -> str:
         except ValueError:
             return str(value)
     return str(value)
+
+
+def _value(row: dict, key, fmt: str) -> str:
+    """A cell: ``row[key]``, or for a key pair ``(mean, std)`` the text ``mean ± std``."""
+    if isinstance(key, tuple):
+        mean, std = row.get(key[0]), row.get(key[1])
+        if mean is None:
+            return "–"
+        return _cell(mean, fmt) if std is None else f"{_cell(mean, fmt)} ± {_cell(std, fmt)}"
+    return _cell(row.get(key), fmt)
 
 
 def _generic_layout(rows: list[dict], env: dict) -> list[tuple[str, str, str]]:
@@ -76,7 +106,7 @@ def table_for(payload: dict, source: Path) -> str:
     lines.append("| " + " | ".join(h for _, h, _ in columns) + " |")
     lines.append("|" + "|".join("---:" if fmt else "---" for _, _, fmt in columns) + "|")
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(k), fmt) for k, _, fmt in columns) + " |")
+        lines.append("| " + " | ".join(_value(row, k, fmt) for k, _, fmt in columns) + " |")
     return "\n".join(lines + [""])
 
 

@@ -225,6 +225,16 @@ class Compressor:
                                f"> {self.config.budget:g}")
         return model
 
+    def materialize(self, budget: float) -> nn.Module:
+        """A compact copy of the model at any ``budget`` from this one run (ACIP's global ranking).
+
+        Raises NotImplementedError for methods that train towards one size only.
+        """
+        if not hasattr(self.method, "materialize"):
+            raise NotImplementedError(f"method {self.config.method!r} trains towards one size; "
+                                      f"only 'acip' materialises any size from one run")
+        return self.method.materialize(budget)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count, "method": self.method.state_dict()}

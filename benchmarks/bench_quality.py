@@ -1,0 +1,550 @@
+"""Quality at a budget: fine-tune the real MiniLM for a classification task and compress it, every method.
+
+Task: Debian fortunes, the category of a quotation (``lrcomp.data.load_labeled_texts``); the
+``--classes`` largest categories are kept, at most ``--per-class`` quotations each, split per
+class into train / test with a fixed data seed (the split never changes with ``--seeds``).
+``--data`` takes any labelled source of the loader (CSV / JSONL / HF dataset name).
+
+Model: all-MiniLM-L6-v2 (``lrcomp.models.load_encoder``) + a linear head ``classifier`` on the
+mean-pooled last hidden states, cross-entropy loss. Targets: every encoder ``nn.Linear``
+(36: the pooler is excluded since mean pooling never uses it; the head is not targeted).
+Budget b = fraction of the targeted linears' weights kept (compact count: ``r (K + N)`` against ``K N``,
+biases not counted, as in ``lrcomp.Compressor``).
+
+Methods, each run through :func:`run_method` with the same total number of optimizer steps:
+
+- ``dense``: plain fine-tuning, no compression (the reference; one run per seed, any budget);
+- ``seq_svd``, ``seq_svd_llm``: fine-tune ``--steps // 2`` steps, one-shot ``lrcomp.compress``
+  (calibration = training batches), fine-tune the remaining steps (sequential baseline);
+- the joint methods of ``lrcomp.methods.JOINT_METHODS`` (acip, pc_lora, tunecomp, jactus, lpaf)
+  through ``lrcomp.Compressor`` with ``total_steps = --steps``. ACIP runs once per seed at the
+  smallest budget and ``comp.materialize(b)`` gives every budget (reported as is, no re-training).
+
+A method that does not exist yet or raises ``NotImplementedError`` is reported as skipped.
+Results: ``benchmarks/results/quality_cpu.json`` and ``quality_cpu.png`` (accuracy vs kept
+parameters); ``--save-dir`` keeps the most accurate model at the smallest budget as safetensors
+with a JSON of its ranks.
+
+    python benchmarks/bench_quality.py --quick                  # one seed, budget 0.5: about 5 minutes
+    python benchmarks/bench_quality.py                          # 3 seeds x 3 budgets, 32 steps: ~40 minutes
+    python benchmarks/bench_quality.py --steps 60               # better fine-tuned, about twice as long
+
+Measured on 2 shared CPU cores, --quick --steps 60 (seed 0, budget 0.5): dense 0.722, seq_svd 0.592,
+seq_svd_llm 0.678 test accuracy (chance 1/6).
+    python benchmarks/bench_quality.py --methods dense seq_svd seq_svd_llm --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import utils  # noqa: E402  (benchmarks/utils.py)
+
+import lrcomp  # noqa: E402
+from lrcomp.data import load_labeled_texts  # noqa: E402
+from lrcomp.layers import LowRankLinear  # noqa: E402
+from lrcomp.models import load_encoder, mean_pool  # noqa: E402
+from lrcomp.replace import find_target_linears  # noqa: E402
+
+DEFAULT_OUT = utils.RESULTS_DIR / "quality_cpu.json"
+EXCLUDE = ["pooler.dense"]
+SEQUENTIAL = {"seq_svd": "svd", "seq_svd_llm": "svd_llm"}
+# The joint methods named by the issue; lrcomp.methods.JOINT_METHODS wins once it exists.
+JOINT_DEFAULT = ("acip", "pc_lora", "tunecomp", "jactus", "lpaf")
+# Methods where one run at the smallest budget gives every budget (comp.materialize).
+ONE_RUN_ALL_BUDGETS = ("acip",)
+DATA_SEED = 1234  # fixes the train/test split, independent of the run seeds
+# Seconds per training step of the joint methods relative to a dense step, used only for the
+# time estimate printed before the grid (a guess until they have been measured).
+JOINT_STEP_COST = 1.5
+
+
+class SkipMethod(Exception):
+    """The method cannot run here (not implemented yet): reported as skipped, the grid goes on."""
+
+
+class MeanPoolClassifier(nn.Module):
+    """``logits [B, C] = classifier(mean_pool(encoder(x).last_hidden_state))``; with ``labels`` also the CE loss.
+
+    Called like a HF model (``model(**batch)``); returns ``SimpleNamespace(logits, loss)``. The head is
+    named ``classifier`` so that ``target_modules="all-linear"`` leaves it dense.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+        logits = self.classifier(mean_pool(hidden, attention_mask))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+def classification_loss(outputs, batch):
+    """``(outputs, batch) -> scalar``: the loss convention of lrcomp (calibrate, Compressor)."""
+    return F.cross_entropy(outputs.logits, batch["labels"])
+
+
+@dataclass
+class Task:
+    """Tokenised train / test data and the base model, shared by every run."""
+
+    encoder: nn.Module
+    tokenizer: object
+    train_texts: list[str]
+    train_labels: list[int]
+    test_batches: list[dict]
+    label_names: list[str]
+    args: argparse.Namespace
+    targets: list[str] = field(default_factory=list)
+    dense_target_params: int = 0
+
+    def batches(self, seed: int):
+        """Endless training batches (dicts with ``labels``), reshuffled each epoch, deterministic in ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        n, bs = len(self.train_texts), self.args.batch_size
+        while True:
+            perm = torch.randperm(n, generator=g).tolist()
+            for s in range(0, n - bs + 1, bs):
+                ids = perm[s:s + bs]
+                yield self.encode([self.train_texts[i] for i in ids], [self.train_labels[i] for i in ids])
+
+    def encode(self, texts: list[str], labels: list[int]) -> dict:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.args.max_length,
+                             return_tensors="pt")
+        return {**enc, "labels": torch.tensor(labels)}
+
+    def fresh_model(self, seed: int) -> MeanPoolClassifier:
+        """The pretrained encoder (a copy) + a head initialised from ``seed``."""
+        torch.manual_seed(seed)
+        return MeanPoolClassifier(copy.deepcopy(self.encoder), len(self.label_names)).train()
+
+
+def load_task(args) -> Task:
+    """The K largest categories, at most ``per_class`` texts each, split per class (fixed seed)."""
+    texts, labels, names = load_labeled_texts(args.data, seed=DATA_SEED, min_chars=20, max_chars=400)
+    counts: dict[int, int] = {}
+    for y in labels:
+        counts[y] = counts.get(y, 0) + 1
+    keep = sorted(counts, key=lambda y: (-counts[y], names[y]))[:args.classes]
+    if len(keep) < 2:
+        raise ValueError(f"--data has {len(keep)} class(es) with texts; a classification task needs at least 2")
+    remap = {y: i for i, y in enumerate(sorted(keep, key=lambda y: names[y]))}
+    per_class: dict[int, list[str]] = {y: [] for y in keep}
+    for t, y in zip(texts, labels, strict=True):  # already shuffled with DATA_SEED
+        if y in per_class and len(per_class[y]) < args.per_class:
+            per_class[y].append(t)
+    train, test = [], []
+    for y, items in per_class.items():
+        n_test = max(1, round(len(items) * args.test_fraction))
+        test += [(t, remap[y]) for t in items[:n_test]]
+        train += [(t, remap[y]) for t in items[n_test:]]
+    encoder, tokenizer = load_encoder(args.model)
+    task = Task(encoder=encoder, tokenizer=tokenizer, train_texts=[t for t, _ in train],
+                train_labels=[y for _, y in train], test_batches=[],
+                label_names=[names[y] for y in sorted(keep, key=lambda y: names[y])], args=args)
+    task.test_batches = [task.encode([t for t, _ in test[s:s + 64]], [y for _, y in test[s:s + 64]])
+                         for s in range(0, len(test), 64)]
+    probe = task.fresh_model(0)
+    task.targets = find_target_linears(probe, "all-linear", EXCLUDE)
+    task.dense_target_params = target_params(probe, task.targets)
+    return task
+
+
+def target_params(model: nn.Module, names: list[str]) -> int:
+    """Weights the targeted layers keep as deployed: ``active_rank (K + N)`` (+ LoRA / live dense branch) for a
+    low-rank layer, ``K N`` for a dense one. Biases are left out (never compressed), as in the budget of
+    ``lrcomp.Compressor`` and the one-shot allocator."""
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LowRankLinear):
+            total += module.num_parameters(compact=True) - (module.out_features if module.bias is not None else 0)
+        else:
+            total += module.in_features * module.out_features
+    return total
+
+
+def layer_ranks(model: nn.Module, names: list[str]) -> dict[str, int | str]:
+    out = {}
+    for name in names:
+        module = model.get_submodule(name)
+        out[name] = module.active_rank if isinstance(module, LowRankLinear) else "dense"
+    return out
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: list[dict]) -> float:
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        pred = model(**inputs).logits.argmax(-1)
+        correct += int((pred == batch["labels"]).sum())
+        total += len(batch["labels"])
+    model.train(was_training)
+    return correct / total
+
+
+def schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float = 0.1):
+    """Linear warm-up over ``warmup_fraction`` of the steps, then linear decay to 0."""
+    warmup = max(1, int(steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_steps(model: nn.Module, batches, steps: int, lr: float, desc: str, *, params=None,
+                loss_hook=None, step_hook=None, attach=None) -> None:
+    """``steps`` AdamW steps on ``next(batches)``; ``loss_hook(loss, batch, out)`` may add terms."""
+    if steps <= 0:
+        return
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if attach is not None:
+        attach(opt)
+    sched = schedule(opt, steps)
+    model.train()
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    for _ in bar:
+        batch = next(batches)
+        out = model(**batch)
+        loss = out.loss if loss_hook is None else loss_hook(out.loss, batch, out)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step_hook is not None:
+            step_hook()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
+def joint_methods() -> tuple[str, ...]:
+    methods = getattr(lrcomp, "methods", None)
+    return tuple(getattr(methods, "JOINT_METHODS", JOINT_DEFAULT)) if methods is not None else JOINT_DEFAULT
+
+
+def _make_compressor(model, method: str, budget: float, task: Task, seed: int):
+    """``lrcomp.Compressor`` for a joint method, or SkipMethod when the framework or the method is missing."""
+    if not hasattr(lrcomp, "Compressor"):
+        raise SkipMethod("lrcomp.Compressor does not exist yet")
+    names = getattr(getattr(lrcomp, "methods", None), "JOINT_METHODS", None)
+    if names is not None and method not in names:
+        raise SkipMethod(f"{method!r} is not in lrcomp.methods.JOINT_METHODS {tuple(names)}")
+    # distill_weight=0: the teacher is the pretrained encoder with an untrained head, whose logits carry
+    # no task knowledge (logit KD to it pulls the student towards a random classifier); the methods
+    # that distil keep their feature distillation to the pretrained representations.
+    config = lrcomp.CompressionConfig(method=method, budget=budget, total_steps=task.args.steps,
+                                      exclude_modules=EXCLUDE, distill_weight=0.0)
+    calib = [b for _, b in zip(range(task.args.calib_batches), task.batches(seed + 10_000), strict=False)]
+    return lrcomp.Compressor(model, config, calib_data=calib, loss_fn=classification_loss, teacher=None)
+
+
+def run_method(name: str, budget: float | None, seed: int, task: Task,
+               budgets: list[float] | None = None) -> list[dict]:
+    """Run one method once and return result rows ``{budget, acc, kept, wall_s, model}``.
+
+    ``budget`` is None for dense. For ACIP ``budgets`` lists every budget to materialise from the
+    single run (at ``budget``, the smallest). Raises :class:`SkipMethod` when the method cannot run.
+    """
+    args = task.args
+    t0 = time.perf_counter()
+    batches = task.batches(seed)
+    model = task.fresh_model(seed)
+    if name == "dense":
+        train_steps(model, batches, args.steps, args.lr, f"dense s{seed}")
+        return [{"budget": None, "acc": accuracy(model, task.test_batches), "kept": 1.0,
+                 "wall_s": time.perf_counter() - t0, "model": model}]
+    if name in SEQUENTIAL:
+        first = args.steps // 2
+        train_steps(model, batches, first, args.lr, f"{name} b{budget} s{seed} ft1")
+        calib = [next(batches) for _ in range(args.calib_batches)]
+        config = lrcomp.CompressionConfig(method=SEQUENTIAL[name], budget=budget, exclude_modules=EXCLUDE)
+        model = lrcomp.compress(model, config, calib)
+        train_steps(model, batches, args.steps - first, args.lr, f"{name} b{budget} s{seed} ft2")
+        return [{"budget": budget, "acc": accuracy(model, task.test_batches),
+                 "kept": target_params(model, task.targets) / task.dense_target_params,
+                 "wall_s": time.perf_counter() - t0, "model": model}]
+    if name not in joint_methods():
+        raise ValueError(f"unknown method {name!r}; known: dense, {', '.join(SEQUENTIAL)}, "
+                         f"{', '.join(joint_methods())}")
+    comp = _make_compressor(model, name, budget, task, seed)
+    params = list(comp.parameters())
+
+    def loss_hook(task_loss, batch, out):
+        return comp.loss(task_loss, inputs=batch, outputs=out)
+
+    train_steps(model, batches, args.steps, args.lr, f"{name} b{budget} s{seed}", params=params,
+                loss_hook=loss_hook, step_hook=comp.step, attach=comp.attach)
+    train_s = time.perf_counter() - t0
+    rows = []
+    if name in ONE_RUN_ALL_BUDGETS and budgets:
+        # Compressor.materialize per the issue; the ACIP method object has it until the Compressor forwards it
+        materialize = getattr(comp, "materialize", None) or getattr(getattr(comp, "method", None), "materialize", None)
+        if materialize is None:
+            raise SkipMethod(f"{name}: the Compressor has no materialize(budget) yet")
+        for b in sorted(budgets, reverse=True):
+            t1 = time.perf_counter()
+            compact = materialize(b)
+            rows.append({"budget": b, "acc": accuracy(compact, task.test_batches),
+                         "kept": target_params(compact, task.targets) / task.dense_target_params,
+                         # the one training run serves every budget: its time + this materialisation
+                         "wall_s": train_s + time.perf_counter() - t1, "model": compact, "shared_run": True})
+        return rows
+    final = comp.finalize()
+    return [{"budget": budget, "acc": accuracy(final, task.test_batches),
+             "kept": target_params(final, task.targets) / task.dense_target_params,
+             "wall_s": time.perf_counter() - t0, "model": final}]
+
+
+def _reason(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def plan(methods: list[str], budgets: list[float]) -> list[tuple[str, float | None, list[float] | None]]:
+    """(method, budget, budgets to materialise) per run and seed."""
+    runs = []
+    for m in methods:
+        if m == "dense":
+            runs.append((m, None, None))
+        elif m in ONE_RUN_ALL_BUDGETS:
+            runs.append((m, min(budgets), budgets))
+        else:
+            runs += [(m, b, None) for b in budgets]
+    return runs
+
+
+def _probe_step_time(task: Task, steps: int = 3) -> float:
+    """Seconds of one dense training step (forward + backward + AdamW) on a training batch."""
+    model = task.fresh_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    batches = task.batches(0)
+    times = []
+    for _ in range(steps + 1):
+        batch = next(batches)
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def save_best(best: dict, task: Task, directory: Path) -> None:
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model = best["model"]
+    save_model(model, str(directory / "model.safetensors"))
+    meta = {"method": best["method"], "budget": best["budget"], "seed": best["seed"], "acc": best["acc"],
+            "params_kept_fraction": best["kept"], "labels": task.label_names,
+            "base_model": task.args.model or "all-MiniLM-L6-v2", "max_length": task.args.max_length,
+            "ranks": layer_ranks(model, task.targets)}
+    tmp = directory / ".ranks.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / "ranks.json")
+    print(f"saved {best['method']} (budget {best['budget']}, seed {best['seed']}, acc {best['acc']:.3f}) "
+          f"to {directory}")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy vs kept fraction of the targeted parameters; one line per method, dense as a horizontal band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        if r["method"] == "dense":
+            ax.axhline(r["acc_mean"], color="black", lw=1.2, label=f"dense FT ({r['acc_mean']:.3f})")
+            if r["acc_std"]:
+                ax.axhspan(r["acc_mean"] - r["acc_std"], r["acc_mean"] + r["acc_std"], color="black", alpha=0.08)
+    markers = "osD^vP*Xh<>"
+    methods = [m for m in dict.fromkeys(r["method"] for r in ok) if m != "dense"]
+    for i, m in enumerate(methods):
+        pts = sorted((r for r in ok if r["method"] == m), key=lambda r: r["params_kept_fraction"])
+        ax.errorbar([r["params_kept_fraction"] for r in pts], [r["acc_mean"] for r in pts],
+                    yerr=[r["acc_std"] or 0.0 for r in pts], marker=markers[i % len(markers)], capsize=3, label=m)
+    ax.set_xlabel("kept fraction of the targeted linear weights")
+    ax.set_ylabel("test accuracy")
+    ax.set_xlim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def aggregate(results: dict, seeds: list[int], steps: int) -> list[dict]:
+    """One row per (method, budget) from ``results[(method, budget)] = {"runs": [...], "status", "reason"}``."""
+    rows = []
+    for (method, budget), entry in results.items():
+        runs = entry["runs"]
+        accs = [r["acc"] for r in runs]
+        row = {"method": method, "budget": budget, "seeds": [r["seed"] for r in runs] or seeds,
+               "n_seeds": len(runs), "steps": steps, "status": entry["status"], "reason": entry.get("reason"),
+               "acc_mean": statistics.fmean(accs) if accs else None,
+               "acc_std": statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
+               "acc_per_seed": accs,
+               "params_kept_fraction": statistics.fmean(r["kept"] for r in runs) if runs else None,
+               "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs) if runs else None,
+               "shared_run": any(r.get("shared_run") for r in runs)}
+        row["seeds_str"] = " ".join(map(str, row["seeds"]))
+        row["note"] = entry.get("reason") or ("one run, materialize(b)" if row["shared_run"] else "")
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="local HF model folder (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--data", default=None, help="labelled source of lrcomp.data (default: Debian fortunes)")
+    parser.add_argument("--classes", type=int, default=6, help="keep the K largest classes")
+    parser.add_argument("--per-class", type=int, default=500, help="at most this many texts per class")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="subset of: dense seq_svd seq_svd_llm and the joint methods (default: all)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None,
+                        help="kept fractions of the targeted parameters (default: 0.8 0.5 0.3; --quick: 0.5)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per run, the same total for every method (default: 32, sized for the "
+                             "40-minute grid; 60 gives clearly better accuracy, see the module docstring)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--calib-batches", type=int, default=8, help="training batches used for calibration")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--quick", action="store_true", help="one seed, budget 0.5 (about 5 minutes with every method)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --out with .png)")
+    parser.add_argument("--save-dir", type=Path, default=None,
+                        help="save the most accurate compressed model at the smallest budget here")
+    args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
+    if args.budgets is None:
+        args.budgets = [0.5] if args.quick else [0.8, 0.5, 0.3]
+    if args.steps is None:
+        # Sized for 2 CPU cores: a dense step (batch 16 x 48 tokens) measured ~0.9-1.0 s at load ~2-4; the full
+        # grid is 60 runs (3 seeds x 20), ~80 dense-step equivalents per step, so 32 steps ~ 40 minutes
+        # with the one-shot compressions of the sequential runs (~15 s each). --quick: 8 runs ~ 5 minutes.
+        args.steps = 32
+    for b in args.budgets:
+        if not 0 < b <= 1:
+            parser.error(f"--budgets values must be in (0, 1], got {b}")
+    for name in ("steps", "batch_size", "max_length", "classes", "per_class", "calib_batches", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 < args.test_fraction < 1:
+        parser.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    known = ["dense", *SEQUENTIAL, *joint_methods()]
+    methods = args.methods or known
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {known}")
+    budgets = sorted(set(args.budgets), reverse=True)
+    torch.set_num_threads(args.threads)
+
+    task = load_task(args)
+    print(f"task: {len(task.label_names)} classes {task.label_names}; {len(task.train_texts)} train / "
+          f"{sum(len(b['labels']) for b in task.test_batches)} test texts; {len(task.targets)} target linears "
+          f"({task.dense_target_params:,} params); {torch.get_num_threads()} threads")
+    runs = plan(methods, budgets)
+    step_s = _probe_step_time(task)
+    cost = sum(JOINT_STEP_COST if m in joint_methods() else 1.0 for m, _, _ in runs)
+    estimate = cost * args.steps * step_s * len(args.seeds)
+    print(f"{len(runs) * len(args.seeds)} runs of {args.steps} steps (batch {args.batch_size}, {args.max_length} "
+          f"tokens); dense step {step_s:.2f} s -> estimated {estimate / 60:.1f} min "
+          f"(joint methods counted at {JOINT_STEP_COST}x a dense step)")
+
+    results: dict = {}
+    for m, b, bs in runs:
+        for key_b in (bs or [b]):
+            results[(m, key_b)] = {"runs": [], "status": "ok"}
+    best = None
+    smallest = min(budgets)
+    wall0 = time.perf_counter()
+    outer = tqdm([(seed, r) for seed in args.seeds for r in runs], desc="runs", unit="run", dynamic_ncols=True)
+    for seed, (m, b, bs) in outer:
+        outer.set_postfix_str(f"{m} b={b} seed={seed}")
+        keys = [(m, x) for x in (bs or [b])]
+        if any(results[k]["status"] == "skipped" for k in keys):
+            continue  # skipped for one seed: skipped for all
+        try:
+            out = run_method(m, b, seed, task, budgets=bs)
+        except (SkipMethod, NotImplementedError) as err:
+            for k in keys:
+                results[k].update(status="skipped", reason=_reason(err))
+            tqdm.write(f"skipped {m} (budget {b}): {_reason(err)}")
+            continue
+        except Exception as err:  # one broken method must not lose the rest of the grid
+            for k in keys:
+                results[k].update(status="failed", reason=_reason(err))
+            tqdm.write(f"FAILED {m} (budget {b}, seed {seed}):\n{traceback.format_exc()}")
+            continue
+        for r in out:
+            results[(m, r["budget"])]["runs"].append({**{k: v for k, v in r.items() if k != "model"}, "seed": seed})
+            tqdm.write(f"{m:12s} budget {r['budget']!s:5s} seed {seed}: acc {r['acc']:.4f}  kept {r['kept']:.3f}  "
+                       f"{r['wall_s']:.1f} s")
+            if args.save_dir is not None and r["budget"] == smallest and (best is None or r["acc"] > best["acc"]):
+                best = {**r, "method": m, "seed": seed, "model": copy.deepcopy(r["model"]).eval()}
+        del out
+    total_s = time.perf_counter() - wall0
+
+    rows = aggregate(results, args.seeds, args.steps)
+    meta = {"task": "fortunes categories" if args.data is None else str(args.data), "classes": task.label_names,
+            "n_train": len(task.train_texts), "n_test": sum(len(b["labels"]) for b in task.test_batches),
+            "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length,
+            "seeds": args.seeds, "targets": len(task.targets), "target_params": task.dense_target_params,
+            "dense_step_s": step_s, "total_wall_s": total_s, "quick": args.quick,
+            "sequential_split": "steps // 2 before compression, the rest after"}
+    utils.write_results(args.out, rows, meta=meta)
+    plot(rows, args.plot or args.out.with_suffix(".png"),
+         f"MiniLM + linear head, {len(task.label_names)} fortune categories, {args.steps} steps, "
+         f"seeds {' '.join(map(str, args.seeds))}")
+    print()
+    print(utils.format_table(rows, ["method", "budget", "seeds_str", "acc_mean", "acc_std", "params_kept_fraction",
+                                    "wall_s_mean", "status", "note"], floatfmt=".3f"))
+    print(f"\ntotal {total_s / 60:.1f} min; wrote {args.out}")
+    if args.save_dir is not None:
+        if best is None:
+            print(f"--save-dir: no compressed model ran at budget {smallest}; nothing saved")
+        else:
+            save_best(best, task, args.save_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
