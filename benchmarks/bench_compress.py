@@ -45,8 +45,8 @@ import utils  # noqa: E402  (benchmarks/utils.py)
 
 import lrcomp  # noqa: E402
 from lrcomp.calib.calibrate import calibrate  # noqa: E402
-from lrcomp.compress.cost import measure_latency_table  # noqa: E402
-from lrcomp.compress.factorizations import factorize  # noqa: E402
+from lrcomp.compression.cost import measure_latency_table  # noqa: E402
+from lrcomp.compression.factorizations import factorize  # noqa: E402
 from lrcomp.data import load_labeled_texts  # noqa: E402
 from lrcomp.layers import LowRankLinear  # noqa: E402
 from lrcomp.models import load_encoder, mean_pool  # noqa: E402

@@ -37,7 +37,9 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402  (benchmarks/utils.py)
 
-from lrcomp import LowRankLinear, replace_linears  # noqa: E402
+import lrcomp  # noqa: E402
+from lrcomp import LowRankLinear  # noqa: E402
+from lrcomp.compression.config import ONE_SHOT_METHODS  # noqa: E402
 from lrcomp.data import load_texts  # noqa: E402
 from lrcomp.models import default_model_path, embed, load_encoder  # noqa: E402
 from lrcomp.replace import find_target_linears  # noqa: E402
@@ -50,16 +52,16 @@ def layer_kind(name: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", "", name)
 
 
-def compress(model: nn.Module, budget: float, exclude: list[str] | None) -> tuple[nn.Module, dict[str, int]]:
-    """A deep copy of ``model`` whose targeted linears are rank-``rank_at_param_fraction`` SVD layers."""
-    ranks: dict[str, int] = {}
-
-    def rank_of(name: str, linear: nn.Linear) -> int:
-        ranks[name] = utils.rank_at_param_fraction(linear.in_features, linear.out_features, budget)
-        return ranks[name]
-
+def compress(model: nn.Module, budget: float, exclude: list[str] | None, method: str, allocation: str,
+             calib: list[dict]) -> tuple[nn.Module, dict[str, int | None]]:
+    """A deep copy of ``model`` compressed by ``lrcomp.compress`` (rank None = the layer stayed dense)."""
     compressed = copy.deepcopy(model)
-    replace_linears(compressed, rank_of, exclude_modules=exclude or None)
+    config = lrcomp.CompressionConfig(method=method, budget=budget, allocation=allocation,
+                                      exclude_modules=exclude or None)
+    lrcomp.compress(compressed, config, calib)
+    ranks = {n: m.rank if isinstance(m, LowRankLinear) else None
+             for n in find_target_linears(model, "all-linear", exclude or None)
+             for m in [compressed.get_submodule(n)]}
     return compressed.eval(), ranks
 
 
@@ -167,6 +169,11 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="lrcomp.data source (default: Debian fortunes)")
     parser.add_argument("--budget", type=float, nargs="+", default=[0.5],
                         help="kept fraction of each targeted layer's parameters, in (0, 1]")
+    parser.add_argument("--method", default="svd_llm", choices=ONE_SHOT_METHODS,
+                        help="one-shot factorisation (default: svd_llm, whitened by the input covariance)")
+    parser.add_argument("--allocation", default="uniform", choices=("uniform", "global"),
+                        help="uniform: every layer keeps the budget; global: one budget, greedy allocator")
+    parser.add_argument("--n-calib", type=int, default=128, help="calibration sentences (disjoint from the evaluated)")
     parser.add_argument("--n-sentences", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence (truncation)")
@@ -190,14 +197,18 @@ def main(argv=None) -> int:
 
     model_path = args.model or default_model_path()
     model, tokenizer = load_encoder(model_path)
-    texts = load_texts(args.data, limit=args.n_sentences, seed=args.seed)
+    sample = load_texts(args.data, limit=args.n_sentences + args.n_calib, seed=args.seed)
+    texts, calib_texts = sample[:args.n_sentences], sample[args.n_sentences:]
+    calib = [dict(tokenizer(calib_texts[i:i + args.batch_size], padding=True, truncation=True,
+                            max_length=args.max_length, return_tensors="pt"))
+             for i in range(0, len(calib_texts), args.batch_size)]
     print(f"model {model_path}: {count_params(model) / 1e6:.2f}M parameters; {len(texts)} sentences from "
           f"{args.data or 'Debian fortunes'}; {torch.get_num_threads()} CPU threads")
 
     targets = find_target_linears(model, "all-linear", args.exclude or None)
     compressed, ranks = {}, {}
-    for b in tqdm(budgets, desc="SVD per budget", unit="budget"):
-        compressed[b], ranks[b] = compress(model, b, args.exclude)
+    for b in tqdm(budgets, desc=f"{args.method} per budget", unit="budget"):
+        compressed[b], ranks[b] = compress(model, b, args.exclude, args.method, args.allocation, calib)
 
     meter = LayerErrorMeter(model, targets, {b: {n: m.get_submodule(n) for n in targets}
                                              for b, m in compressed.items()})
@@ -225,6 +236,7 @@ def main(argv=None) -> int:
         rows.append({
             "kind": "end_to_end", "model": Path(model_path).name if args.model else "all-MiniLM-L6-v2",
             "data": args.data or "fortunes", "n_sentences": len(texts), "budget": b, "dtype": "float32",
+            "method": args.method, "allocation": args.allocation,
             "params_targets_before": target_before, "params_targets_after": target_after,
             "kept_fraction": target_after / target_before,
             "params_model_before": model_before, "params_model_after": model_before - target_before + target_after,
@@ -243,11 +255,12 @@ def main(argv=None) -> int:
         })
 
     meta = {"model_path": str(model_path), "targets": len(targets), "excluded": args.exclude,
+            "method": args.method, "allocation": args.allocation, "n_calib": len(calib_texts),
             "seed": args.seed, "max_length": args.max_length}
     path = utils.write_results(args.out, rows, kind="end_to_end", meta=meta)
     env = utils.environment()
     plot(rows, args.plot or args.out.with_suffix(".png"),
-         f"{rows[0]['model']} on {len(texts)} {rows[0]['data']} sentences, truncated SVD per layer; "
+         f"{rows[0]['model']} on {len(texts)} {rows[0]['data']} sentences, {args.method} ({args.allocation}); "
          f"{env['device']}, torch {env['torch']}, commit {env['commit']}")
     print()
     print(utils.format_table(rows, ["budget", "kept_fraction", "params_model_after", "rel_err_mean", "rel_err_max",

@@ -3,11 +3,11 @@
 from lrcomp._ext import has_cuda_ext
 from lrcomp.backend import get_backend, set_backend
 from lrcomp.calib import CalibrationStats, calibrate
-from lrcomp.compress.allocate import RankAllocation, allocate_ranks
-from lrcomp.compress.config import CompressionConfig
-from lrcomp.compress.cost import LatencyTable, measure_latency_table
-from lrcomp.compress.factorizations import factorize
-from lrcomp.compress.oneshot import compress, summary
+from lrcomp.compression.allocate import RankAllocation, allocate_ranks
+from lrcomp.compression.config import CompressionConfig
+from lrcomp.compression.cost import LatencyTable, measure_latency_table
+from lrcomp.compression.factorizations import factorize
+from lrcomp.compression.oneshot import compress, summary
 from lrcomp.layers import LowRankLinear
 from lrcomp.methods import JOINT_METHODS, Compressor
 from lrcomp.replace import compact_lowrank, replace_linears

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lrcomp.calib.calibrate import calibrate
-from lrcomp.compress.config import JOINT_METHODS, CompressionConfig
+from lrcomp.compression.config import JOINT_METHODS, CompressionConfig
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods import checkpoint
 from lrcomp.methods.base import JointMethod

@@ -52,10 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrcomp.compress.allocate import allocate_ranks, importance_keep_mask
-from lrcomp.compress.cost import LatencyTable
-from lrcomp.compress.factorizations import factorize
-from lrcomp.compress.oneshot import _uniform_ranks
+from lrcomp.compression.allocate import allocate_ranks, importance_keep_mask
+from lrcomp.compression.cost import LatencyTable
+from lrcomp.compression.factorizations import factorize
+from lrcomp.compression.oneshot import _uniform_ranks
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods.base import JointMethod
 from lrcomp.methods.schedules import decay

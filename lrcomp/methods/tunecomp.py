@@ -42,8 +42,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lrcomp.compress.allocate import allocate_ranks, importance_keep_mask
-from lrcomp.compress.factorizations import factorize
+from lrcomp.compression.allocate import allocate_ranks, importance_keep_mask
+from lrcomp.compression.factorizations import factorize
 from lrcomp.methods.base import JointMethod
 from lrcomp.methods.schedules import decay
 

@@ -189,7 +189,7 @@ def test_config_errors(kwargs, match):
 
 def test_compressor_errors():
     model = _pretrained()
-    with pytest.raises(ValueError, match="lrcomp.compress"):
+    with pytest.raises(ValueError, match="lrcomp.compression"):
         Compressor(model, CompressionConfig(method="svd", budget=0.5))
     with pytest.raises(ValueError, match="cannot be reached"):
         Compressor(model, _config(0.01))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lrcomp import CompressionConfig, Compressor
-from lrcomp.compress.factorizations import factorize
+from lrcomp.compression.factorizations import factorize
 from lrcomp.layers import LowRankLinear
 from lrcomp.methods.jactus import CoreLowRankLinear, JACTUSOptions
 

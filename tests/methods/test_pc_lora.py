@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrcomp.compress.config import CompressionConfig
+from lrcomp.compression.config import CompressionConfig
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods.compressor import Compressor
 from lrcomp.methods.pc_lora import PCLoRA, PCLoRAOptions, uniform_rank

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrcomp.compress.config import CompressionConfig
+from lrcomp.compression.config import CompressionConfig
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods.compressor import Compressor
 from lrcomp.methods.tunecomp import TuneComp, TuneCompOptions, alpha_at
@@ -168,7 +168,7 @@ def test_compaction_keeps_outputs_and_optimizer_state():
     x, _ = _data(64, 9)
     method.refresh_importance()
     layers = method.lowrank_layers()
-    from lrcomp.compress.allocate import importance_keep_mask
+    from lrcomp.compression.allocate import importance_keep_mask
 
     for layer in layers.values():
         layer.prune_(importance_keep_mask(layer, max(1, layer.active_rank - 3)))

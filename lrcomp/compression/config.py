@@ -32,7 +32,7 @@ class CompressionConfig:
             its own parameters).
         target_modules, exclude_modules: PEFT-style selection (see :func:`lrcomp.replace_linears`).
         min_rank: smallest rank the global allocator gives a layer.
-        cost_table: a :class:`lrcomp.compress.cost.LatencyTable` or the path of one saved as JSON.
+        cost_table: a :class:`lrcomp.compression.cost.LatencyTable` or the path of one saved as JSON.
         method_options: extra keyword arguments of the factorisation (e.g. ``{"alpha": 0.5}`` for asvd).
         calib_max_batches: stop calibration after this many batches (None: all).
         calib_group_size: calibrate this many layers at a time (bounded memory; None: all at once).

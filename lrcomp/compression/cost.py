@@ -9,7 +9,7 @@ on this machine's kernels. :class:`LatencyTable` holds the medians and answers
                           hence non-decreasing in r
     dense_us(K, N)        the dense layer's time
 
-so :func:`lrcomp.compress.allocate.allocate_ranks` (``cost="latency"``) can charge a direction
+so :func:`lrcomp.compression.allocate.allocate_ranks` (``cost="latency"``) can charge a direction
 its marginal time ``lowrank_us(K, N, r + 1) - lowrank_us(K, N, r) >= 0`` and find the rank at
 which the low-rank layer stops being faster than the dense one (its break-even rank).
 

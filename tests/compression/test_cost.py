@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lrcomp import backend
-from lrcomp.compress.cost import LatencyTable, break_even_rank, default_ranks, measure_latency_table
+from lrcomp.compression.cost import LatencyTable, break_even_rank, default_ranks, measure_latency_table
 from lrcomp.layers.lowrank_linear import LowRankLinear
 
 

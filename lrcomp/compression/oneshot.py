@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from lrcomp.calib.calibrate import calibrate
-from lrcomp.compress.allocate import allocate_ranks, importance_keep_mask
-from lrcomp.compress.config import ONE_SHOT_METHODS, CompressionConfig
-from lrcomp.compress.cost import LatencyTable
-from lrcomp.compress.factorizations import OPTIONAL_STATS, REQUIRED_STATS, factorize
+from lrcomp.compression.allocate import allocate_ranks, importance_keep_mask
+from lrcomp.compression.config import ONE_SHOT_METHODS, CompressionConfig
+from lrcomp.compression.cost import LatencyTable
+from lrcomp.compression.factorizations import OPTIONAL_STATS, REQUIRED_STATS, factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.replace import find_target_linears
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrcomp.compress.allocate import (
+from lrcomp.compression.allocate import (
     RankAllocation,
     _exact,
     _greedy,
@@ -23,7 +23,7 @@ from lrcomp.compress.allocate import (
     find_target_layers,
     importance_keep_mask,
 )
-from lrcomp.compress.cost import LatencyTable
+from lrcomp.compression.cost import LatencyTable
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.replace import replace_linears
 

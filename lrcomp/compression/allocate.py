@@ -33,7 +33,7 @@ Costs of keeping ``r`` directions / the dense layer:
 * ``"params"``: ``r (K + N)`` / ``K N``;
 * ``"flops"`` (per token): ``2 r (K + N)`` / ``2 K N``;
 * ``"latency"``: ``lowrank_us(K, N, r)`` / ``dense_us(K, N)`` from a measured
-  :class:`~lrcomp.compress.cost.LatencyTable` (monotone in r), counted in integer nanoseconds.
+  :class:`~lrcomp.compression.cost.LatencyTable` (monotone in r), counted in integer nanoseconds.
 
 Solver (all accounting in integers, so the budget test ``kept <= floor(b * total)`` is exact):
 
@@ -52,7 +52,7 @@ Solver (all accounting in integers, so the budget test ``kept <= floor(b * total
    ``dp_l[u] = max_j dp_{l-1}[u - w_j] + G_j``, vectorised in torch, O(options x units)); its
    solution replaces the greedy's only when its total score is strictly higher.
 
-How often the greedy alone is not optimal (``python -m lrcomp.compress.allocate`` reruns this;
+How often the greedy alone is not optimal (``python -m lrcomp.compression.allocate`` reruns this;
 2000 random instances, 2-6 layers of shapes 4..64, scores ``sort(exp(N(0, 2)))`` descending,
 budget U(0.05, 1), min_rank 1-3, params or flops): the greedy total score was below the exact
 optimum in 986 of them (49%), by 0.38% of the optimum on average over those and 5.9% at worst —
@@ -71,7 +71,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lrcomp.compress.cost import LatencyTable
+from lrcomp.compression.cost import LatencyTable
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.linalg.whiten import shifted_cholesky
 from lrcomp.replace import _head_names, _matches

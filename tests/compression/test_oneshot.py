@@ -146,7 +146,7 @@ def test_fwsvd_with_loss_runs_and_respects_budget():
 
 
 def test_latency_cost_uses_the_table():
-    from lrcomp.compress.cost import LatencyTable
+    from lrcomp.compression.cost import LatencyTable
 
     # A synthetic table in which the low-rank layer is cheap: 2 us + 0.1 us per direction, dense 10 us.
     shapes = [(24, 40), (40, 32), (32, 8)]
@@ -176,7 +176,7 @@ def test_sensitivity_weights_scores_by_the_loss_gradient():
 
 
 def test_layer_sensitivity_is_mean_squared_gradient():
-    from lrcomp.compress.oneshot import layer_sensitivity
+    from lrcomp.compression.oneshot import layer_sensitivity
 
     g = torch.randn(100, 6, dtype=torch.float64)
     assert layer_sensitivity(g.T @ g / 100) == pytest.approx(g.square().mean().item(), rel=1e-12)

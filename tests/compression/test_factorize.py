@@ -1,4 +1,4 @@
-"""Tests of lrcomp.compress.factorizations: every method against its closed form / definition, on CPU, fp64 oracles."""
+"""Tests of lrcomp.compression.factorizations: every method against its closed form or definition (fp64)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lrcomp.compress import factorizations as fz
-from lrcomp.compress.factorizations import FACTORIZATIONS, REQUIRED_STATS, factorize, jactus_union_bases
+from lrcomp.compression import factorizations as fz
+from lrcomp.compression.factorizations import FACTORIZATIONS, REQUIRED_STATS, factorize, jactus_union_bases
 from lrcomp.layers import LowRankLinear
 from lrcomp.linalg import whiten
 
