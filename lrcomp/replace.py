@@ -48,14 +48,24 @@ def find_target_linears(
     model: nn.Module,
     target_modules: str | Iterable[str] = "all-linear",
     exclude_modules: str | Iterable[str] | None = None,
+    *,
+    include_lowrank: bool = False,
+    required: bool = False,
 ) -> list[str]:
-    """Names of the ``nn.Linear`` modules of ``model`` that the target rules select, in model order."""
+    """Names of the ``nn.Linear`` modules of ``model`` that the target rules select, in model order.
+
+    ``include_lowrank=True`` selects already-factored :class:`LowRankLinear` layers too (the
+    allocator scores both). ``required=True`` raises a ValueError listing the model's linear
+    layers when nothing matches.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    kinds = (LowRankLinear,) if include_lowrank else ()
     heads = _head_names(model) if target_modules == "all-linear" else set()
     names = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:  # subclasses (already-wrapped or quantized) are left alone
+        # subclasses of nn.Linear (already wrapped, quantized) are left alone
+        if type(module) is not nn.Linear and not isinstance(module, kinds):
             continue
         if target_modules == "all-linear":
             if name in heads:
@@ -65,6 +75,11 @@ def find_target_linears(
         if exclude_modules is not None and _matches(name, exclude_modules, "exclude_modules"):
             continue
         names.append(name)
+    if required and not names:
+        existing = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LowRankLinear))]
+        listed = ", ".join(existing[:30]) + (f", ... ({len(existing) - 30} more)" if len(existing) > 30 else "")
+        raise ValueError(f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no "
+                         f"nn.Linear of {type(model).__name__}; its linear layers are: [{listed or 'none'}]")
     return names
 
 
@@ -98,10 +113,7 @@ def replace_linears(
     Returns:
         The names of the replaced modules, in model order.
     """
-    targets = find_target_linears(model, target_modules, exclude_modules)
-    if not targets:
-        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear in "
-                         f"{type(model).__name__} (exclude_modules={exclude_modules!r})")
+    targets = find_target_linears(model, target_modules, exclude_modules, required=True)
     if isinstance(rank, Mapping):
         unknown = sorted(set(rank) - set(targets))
         if unknown:

@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from lrcomp.compression.cost import LatencyTable
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.linalg.whiten import shifted_cholesky
-from lrcomp.replace import _head_names, _matches
+from lrcomp.replace import find_target_linears
 
 SCORES = ("auto", "energy", "whitened", "importance")
 COSTS = ("params", "flops", "latency")
@@ -139,32 +139,9 @@ def find_target_layers(
     target_modules: str | Iterable[str] = "all-linear",
     exclude_modules: str | Iterable[str] | None = None,
 ) -> list[str]:
-    """Names of the ``nn.Linear`` and :class:`LowRankLinear` modules the target rules select, in model order.
-
-    Same rules as :func:`lrcomp.replace.find_target_linears` (``"all-linear"`` skips the output
-    head; a list matches names or name suffixes; a string is a full-match regex; exclusions win),
-    but already-factored :class:`LowRankLinear` layers are targets too.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    heads = _head_names(model) if target_modules == "all-linear" else set()
-    names = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear and not isinstance(module, LowRankLinear):
-            continue
-        if target_modules == "all-linear":
-            if name in heads:
-                continue
-        elif not _matches(name, target_modules, "target_modules"):
-            continue
-        if exclude_modules is not None and _matches(name, exclude_modules, "exclude_modules"):
-            continue
-        names.append(name)
-    return names
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LowRankLinear))]
+    """Names of the ``nn.Linear`` and :class:`LowRankLinear` modules the target rules select, in model order
+    (:func:`lrcomp.replace.find_target_linears` with ``include_lowrank=True``)."""
+    return find_target_linears(model, target_modules, exclude_modules, include_lowrank=True)
 
 
 # ---------------------------------------------------------------------- scores
@@ -473,12 +450,7 @@ def allocate_ranks(
     if stats is not None and not isinstance(stats, Mapping):
         raise TypeError(f"stats must be a mapping layer name -> {{stat name: tensor}}, got {type(stats).__name__}")
 
-    targets = find_target_layers(model, target_modules, exclude_modules)
-    if not targets:
-        existing = _linear_names(model)
-        listed = ", ".join(existing[:50]) + (f", ... ({len(existing) - 50} more)" if len(existing) > 50 else "")
-        raise ValueError(f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no "
-                         f"linear layer of {type(model).__name__}; its linear layers are: [{listed or 'none'}]")
+    targets = find_target_linears(model, target_modules, exclude_modules, include_lowrank=True, required=True)
     if cost == "latency":
         missing = sorted({(m.in_features, m.out_features) for m in map(model.get_submodule, targets)}
                          - set(cost_table.shapes))

@@ -74,11 +74,8 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
     if config.method not in ONE_SHOT_METHODS:
         raise ValueError(f"compress() runs the one-shot methods {ONE_SHOT_METHODS}; {config.method!r} trains "
                          f"jointly: use lrcomp.Compressor")
-    targets = find_target_linears(model, config.target_modules, config.exclude_modules)
-    if not targets:
-        existing = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear; the linear layers are: "
-                         f"{existing[:20]}{' ...' if len(existing) > 20 else ''}")
+    targets = find_target_linears(model, config.target_modules, config.exclude_modules,
+                                  required=True)
     needed = REQUIRED_STATS[config.method]
     if config.loss_fn is not None:  # gradient statistics the method uses when it can have them
         needed = needed + OPTIONAL_STATS[config.method]

@@ -92,11 +92,8 @@ class Compressor:
         self.model = model
         self.config = config
         self.loss_fn = loss_fn if loss_fn is not None else config.loss_fn
-        self.targets = find_target_linears(model, config.target_modules, config.exclude_modules)
-        if not self.targets:
-            existing = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear; the linear layers "
-                             f"are: {existing[:20]}{' ...' if len(existing) > 20 else ''}")
+        self.targets = find_target_linears(model, config.target_modules, config.exclude_modules,
+                                           required=True)
         self.total_cost = sum(weight_cost(model.get_submodule(n)) for n in self.targets)
         floor = sum(model.get_submodule(n).in_features + model.get_submodule(n).out_features for n in self.targets)
         if floor > config.budget * self.total_cost:
