@@ -5,33 +5,11 @@ import copy
 import pytest
 import torch
 from torch import nn
+from toy import pretrained_mlp, task, train
 
 import lrcomp
 from lrcomp import CompressionConfig, Compressor
 from lrcomp.layers import LowRankLinear
-
-
-def _task(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(1024, 32, generator=g)
-    y = (X @ torch.randn(32, 4, generator=g)).argmax(1)
-    return X, y
-
-
-def _pretrained(seed=0):
-    """A small MLP trained briefly on the task (the 'foundation model')."""
-    torch.manual_seed(seed)
-    X, y = _task()
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(150):
-        idx = torch.randint(0, len(X), (64,))
-        loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model
 
 
 def _accuracy(model, X, y):
@@ -40,21 +18,12 @@ def _accuracy(model, X, y):
 
 
 def _run(model, config, steps, comp=None, opt=None, start=0, seed=1):
-    """The training loop of the Compressor docstring; batches depend only on the step index."""
-    X, y = _task()
+    """Build the Compressor and its AdamW (unless given), then train steps ``start .. steps - 1``."""
     comp = comp or Compressor(model, config)
     if opt is None:
         opt = torch.optim.AdamW(comp.parameters(), lr=1e-3)
         comp.attach(opt)
-    for step in range(start, steps):
-        g = torch.Generator().manual_seed(seed * 10_000 + step)
-        idx = torch.randint(0, len(X), (64,), generator=g)
-        out = model(X[idx])
-        loss = comp.loss(nn.functional.cross_entropy(out, y[idx]), inputs=X[idx], outputs=out)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        comp.step()
+    train(comp, opt, steps, start=start, seed=seed)
     return comp, opt
 
 
@@ -65,8 +34,8 @@ def _config(budget=0.5, steps=150, **kw):
 
 @pytest.mark.parametrize("budget", [0.8, 0.5, 0.3])
 def test_acip_ends_within_budget_and_keeps_accuracy(budget):
-    X, y = _task()
-    model = _pretrained()
+    X, y = task()
+    model = pretrained_mlp(steps=150)
     base = _accuracy(model, X, y)
     comp, _ = _run(model, _config(budget), 150)
     final = comp.finalize()
@@ -78,7 +47,7 @@ def test_acip_ends_within_budget_and_keeps_accuracy(budget):
 
 
 def test_acip_prunes_progressively_and_compacts_with_optimizer_state():
-    model = _pretrained()
+    model = pretrained_mlp(steps=150)
     comp, opt = _run(model, _config(0.5), 60)
     ranks = [layer.rank for layer in comp.method.lowrank_layers().values()]
     assert sum(ranks) < 32 + 64  # directions were dropped physically during the run
@@ -92,8 +61,8 @@ def test_acip_prunes_progressively_and_compacts_with_optimizer_state():
 
 
 def test_compaction_keeps_outputs():
-    X, _ = _task()
-    model = _pretrained()
+    X, _ = task()
+    model = pretrained_mlp(steps=150)
     comp, opt = _run(model, _config(0.5), 30)
     layer = comp.method.lowrank_layers()["2"]
     with torch.no_grad():
@@ -104,8 +73,8 @@ def test_compaction_keeps_outputs():
 
 
 def test_materialize_gives_the_whole_curve_from_one_run():
-    X, y = _task()
-    model = _pretrained()
+    X, y = task()
+    model = pretrained_mlp(steps=150)
     comp, _ = _run(model, _config(0.3), 150)
     comp.finalize()
     accs, costs = [], []
@@ -122,12 +91,12 @@ def test_materialize_gives_the_whole_curve_from_one_run():
 
 def test_resume_equals_uninterrupted(tmp_path):
     steps = 120
-    ref_model = _pretrained()
+    ref_model = pretrained_mlp(steps=150)
     _run(ref_model, _config(0.5, steps), steps)
-    model = _pretrained()
+    model = pretrained_mlp(steps=150)
     comp, opt = _run(model, _config(0.5, steps), 70)
     comp.save_checkpoint(tmp_path / "ckpt.safetensors")
-    fresh = _pretrained()
+    fresh = pretrained_mlp(steps=150)
     comp2 = Compressor(fresh, _config(0.5, steps))
     opt2 = torch.optim.AdamW(comp2.parameters(), lr=1e-3)
     comp2.attach(opt2)
@@ -139,10 +108,10 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_distillation_gradient_flows_to_the_student():
-    model = _pretrained()
+    model = pretrained_mlp(steps=150)
     config = _config(0.5, distill_weight=1.0, feature_weight=1.0)
     comp = Compressor(model, config)
-    X, y = _task()
+    X, y = task()
     with torch.no_grad():  # make the student differ from the teacher: mask half of layer 2's directions
         comp.method.lowrank_layers()["2"].scores[::2] = -1.0
     for term in ("kd", "feature"):
@@ -158,17 +127,17 @@ def test_distillation_gradient_flows_to_the_student():
 
 
 def test_teacher_with_other_outputs_is_rejected():
-    model = _pretrained()
+    model = pretrained_mlp(steps=150)
     teacher = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 7))
     comp = Compressor(model, _config(0.5, distill_weight=1.0), teacher=teacher)
-    X, _ = _task()
+    X, _ = task()
     out = model(X[:8])
     with pytest.raises(ValueError, match="teacher"):
         comp.loss(out.sum(), inputs=X[:8], outputs=out)
 
 
 def test_default_teacher_is_a_frozen_dense_copy():
-    model = _pretrained()
+    model = pretrained_mlp(steps=150)
     dense = copy.deepcopy(model)
     comp = Compressor(model, _config(0.5, distill_weight=1.0))
     assert all(not p.requires_grad for p in comp.teacher.parameters())
@@ -188,7 +157,7 @@ def test_config_errors(kwargs, match):
 
 
 def test_compressor_errors():
-    model = _pretrained()
+    model = pretrained_mlp(steps=150)
     with pytest.raises(ValueError, match="lrcomp.compress"):
         Compressor(model, CompressionConfig(method="svd", budget=0.5))
     with pytest.raises(ValueError, match="cannot be reached"):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from toy import pretrained_mlp, task, train
 
 from lrcomp import CompressionConfig, Compressor
 from lrcomp.compression.factorizations import factorize
@@ -12,26 +13,8 @@ from lrcomp.methods.jactus import CoreLowRankLinear, JACTUSOptions
 TARGETS = ["0", "2"]
 
 
-def _task(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(1024, 32, generator=g)
-    y = (X @ torch.randn(32, 4, generator=g)).argmax(1)
-    return X, y
 
 
-def _model(seed=0, pretrain_steps=60):
-    """A small MLP trained briefly on the task (then compression hurts it and the core must recover)."""
-    torch.manual_seed(seed)
-    X, y = _task()
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(pretrain_steps):
-        idx = torch.randint(0, len(X), (64,))
-        loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
 
 
 def _loss_fn(out, batch):
@@ -39,7 +22,7 @@ def _loss_fn(out, batch):
 
 
 def _calib():
-    X, y = _task(seed=5)
+    X, y = task(seed=5)
     return [(X[i:i + 128], y[i:i + 128]) for i in range(0, 512, 128)]
 
 
@@ -54,23 +37,10 @@ def _build(model, config, lr=1e-2):
     return comp, opt
 
 
-def _run(comp, opt, steps, start=0, seed=1):
-    """The Compressor docstring's loop; the batch depends only on the step index."""
-    X, y = _task()
-    model = comp.model
-    for step in range(start, steps):
-        g = torch.Generator().manual_seed(seed * 10_000 + step)
-        idx = torch.randint(0, len(X), (64,), generator=g)
-        out = model(X[idx])
-        loss = comp.loss(nn.functional.cross_entropy(out, y[idx]), inputs=X[idx], outputs=out)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        comp.step()
 
 
 def _eval(model):
-    X, y = _task()
+    X, y = task()
     with torch.no_grad():
         out = model(X)
     return nn.functional.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
@@ -78,12 +48,12 @@ def _eval(model):
 
 @pytest.mark.parametrize("budget", [0.8, 0.5, 0.3])
 def test_jactus_ends_within_budget_with_plain_lowrank_layers(budget):
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(budget, steps=20))
     ranks = comp.method.ranks
     assert ranks and all(isinstance(model.get_submodule(n), CoreLowRankLinear) for n in ranks)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in TARGETS if n not in ranks)
-    _run(comp, opt, 20)
+    train(comp, opt, 20)
     final = comp.finalize()
     assert comp.kept_cost() <= budget * comp.total_cost
     for name in TARGETS:
@@ -95,12 +65,12 @@ def test_jactus_ends_within_budget_with_plain_lowrank_layers(budget):
 
 
 def test_jactus_learns_and_finalize_keeps_outputs():
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(0.3, steps=150))
     before_loss, before_acc = _eval(model)
-    _run(comp, opt, 150)
+    train(comp, opt, 150)
     trained_loss, trained_acc = _eval(model)
-    X, _ = _task()
+    X, _ = task()
     with torch.no_grad():
         y_core = model(X)
     final = comp.finalize()
@@ -112,7 +82,7 @@ def test_jactus_learns_and_finalize_keeps_outputs():
 
 
 def test_jactus_bases_stay_frozen_and_only_the_core_trains():
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(0.5, steps=30), lr=1e-2)
     cores = comp.method.core_layers()
     assert cores
@@ -125,7 +95,7 @@ def test_jactus_bases_stay_frozen_and_only_the_core_trains():
         assert m.core.requires_grad and m.core.shape == (m.rank, m.rank)
         assert not any(p.requires_grad for p in (m.U, m.S, m.V, m.scores))
         torch.testing.assert_close(m.core.detach(), torch.diag(torch.diag(m.core.detach())))  # diag(s) init
-    _run(comp, opt, 30)
+    train(comp, opt, 30)
     for name, m in cores.items():
         U, S, V, core = saved[name]
         assert torch.equal(m.U, U) and torch.equal(m.S, S) and torch.equal(m.V, V)
@@ -153,7 +123,7 @@ def test_jactus_core_layer_equals_its_factorisation_and_folds_on_both_sides():
 
 
 def test_jactus_needs_the_gradient_covariance():
-    model = _model()
+    model = pretrained_mlp()
     with pytest.raises(ValueError, match="need a loss"):
         Compressor(model, _config(0.5), calib_data=[X for X, _ in _calib()])  # no loss_fn, no labels
     with pytest.raises(ValueError, match="calib"):
@@ -161,9 +131,9 @@ def test_jactus_needs_the_gradient_covariance():
 
 
 def test_jactus_compact_is_a_noop_and_distillation_reaches_the_core():
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(0.5, steps=10, distill_weight=1.0, feature_weight=1.0))
-    X, y = _task()
+    X, y = task()
     with torch.no_grad():
         before = model(X[:64])
     assert comp.compact() == 0
@@ -187,24 +157,24 @@ def test_jactus_compact_is_a_noop_and_distillation_reaches_the_core():
 
 def test_jactus_resume_equals_uninterrupted(tmp_path):
     steps, cut = 16, 7
-    model_a = _model()
+    model_a = pretrained_mlp()
     comp_a, opt_a = _build(model_a, _config(0.5, steps=steps))
-    _run(comp_a, opt_a, steps)
+    train(comp_a, opt_a, steps)
 
-    model_b = _model()
+    model_b = pretrained_mlp()
     comp_b, opt_b = _build(model_b, _config(0.5, steps=steps))
-    _run(comp_b, opt_b, cut)
+    train(comp_b, opt_b, cut)
     comp_b.save_checkpoint(tmp_path / "ckpt.safetensors")
 
-    model_c = _model()
+    model_c = pretrained_mlp()
     comp_c, opt_c = _build(model_c, _config(0.5, steps=steps))
     comp_c.load_checkpoint(tmp_path / "ckpt.safetensors")
     assert comp_c.step_count == cut
-    _run(comp_c, opt_c, steps, start=cut)
+    train(comp_c, opt_c, steps, start=cut)
     for (name, pa), (_, pc) in zip(model_a.state_dict().items(), model_c.state_dict().items(), strict=True):
         assert torch.equal(pa, pc), name
     fa, fc = comp_a.finalize(), comp_c.finalize()
-    X, _ = _task()
+    X, _ = task()
     with torch.no_grad():
         assert torch.equal(fa(X), fc(X))
 
@@ -219,17 +189,17 @@ def test_jactus_options_are_validated():
     with pytest.raises(ValueError, match="train_bias"):
         JACTUSOptions(train_bias="yes")
     with pytest.raises(TypeError, match="grad_fraction"):
-        Compressor(_model(pretrain_steps=0), _config(0.5, method_options={"grad_fraction": 0.5}),
+        Compressor(pretrained_mlp(steps=0), _config(0.5, method_options={"grad_fraction": 0.5}),
                    calib_data=_calib(), loss_fn=_loss_fn)
 
 
 def test_jactus_train_bias_option_and_uniform_allocation():
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(0.5, steps=5, allocation="uniform", method_options={"train_bias": False}))
     for m in comp.method.core_layers().values():
         assert not m.bias.requires_grad
         K, N = m.in_features, m.out_features
         assert m.rank == int(0.5 * K * N / (K + N))
-    _run(comp, opt, 5)
+    train(comp, opt, 5)
     comp.finalize()
     assert comp.kept_cost() <= 0.5 * comp.total_cost

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from toy import pretrained_mlp, task, train
 
 from lrcomp import CompressionConfig, Compressor
 from lrcomp.layers import LowRankLinear
@@ -11,26 +12,8 @@ from lrcomp.methods.lpaf import LPAFOptions, MaskedLinear, swap_params_in_optimi
 TARGETS = ["0", "2"]
 
 
-def _task(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(1024, 32, generator=g)
-    y = (X @ torch.randn(32, 4, generator=g)).argmax(1)
-    return X, y
 
 
-def _model(seed=0, pretrain_steps=60):
-    """A small MLP trained briefly on the task."""
-    torch.manual_seed(seed)
-    X, y = _task()
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(pretrain_steps):
-        idx = torch.randint(0, len(X), (64,))
-        loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
 
 
 def _config(budget=0.5, steps=40, options=None, **kw):
@@ -45,25 +28,10 @@ def _build(model, config, lr=3e-3):
     return comp, opt
 
 
-def _run(comp, opt, steps, start=0, seed=1, after_step=None):
-    """The Compressor docstring's loop; the batch depends only on the step index."""
-    X, y = _task()
-    model = comp.model
-    for step in range(start, steps):
-        g = torch.Generator().manual_seed(seed * 10_000 + step)
-        idx = torch.randint(0, len(X), (64,), generator=g)
-        out = model(X[idx])
-        loss = comp.loss(nn.functional.cross_entropy(out, y[idx]), inputs=X[idx], outputs=out)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        comp.step()
-        if after_step is not None:
-            after_step(step + 1)
 
 
 def _eval(model):
-    X, y = _task()
+    X, y = task()
     with torch.no_grad():
         out = model(X)
     return nn.functional.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
@@ -82,7 +50,7 @@ def _optimizer_holds_exactly_the_trainable_params(model, opt):
 
 
 def test_lpaf_schedule_is_cubic_between_warmup_and_cooldown():
-    comp = Compressor(_model(pretrain_steps=0), _config(0.5, steps=100,
+    comp = Compressor(pretrained_mlp(steps=0), _config(0.5, steps=100,
                                                         options={"target_sparsity": 0.6, "prune_frac": 0.5}))
     method = comp.method
     assert method.boundary == 50
@@ -93,7 +61,7 @@ def test_lpaf_schedule_is_cubic_between_warmup_and_cooldown():
         assert method.sparsity(t) == pytest.approx(0.6 * (1 - (1 - (t - tw) / (tf - tw)) ** 3), abs=1e-12)
     values = [method.sparsity(t) for t in range(51)]
     assert values == sorted(values)
-    default = Compressor(_model(pretrain_steps=0), _config(0.3, steps=10)).method
+    default = Compressor(pretrained_mlp(steps=0), _config(0.3, steps=10)).method
     assert default.final_sparsity == pytest.approx(0.7)  # 1 - budget
 
 
@@ -123,7 +91,7 @@ def test_lpaf_movement_scores_accumulate_minus_w_times_grad():
 
 def test_lpaf_reaches_the_exact_sparsity_then_factors_within_budget():
     steps = 40
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(0.5, steps=steps, options={"target_sparsity": 0.6}))
     method = comp.method
     t1 = method.boundary
@@ -145,7 +113,7 @@ def test_lpaf_reaches_the_exact_sparsity_then_factors_within_budget():
                 assert type(layer) is LowRankLinear and layer.rank == method.ranks[name]
                 assert not layer.scores.requires_grad and layer.U.requires_grad
 
-    _run(comp, opt, steps, after_step=check)
+    train(comp, opt, steps, after_step=check)
     for name in TARGETS:  # end of phase 1: the final sparsity exactly (0.6 of 2048 and of 4096)
         assert seen[(name, t1 - 1)] == round(0.6 * model.get_submodule(name).in_features
                                              * model.get_submodule(name).out_features) / (
@@ -156,9 +124,9 @@ def test_lpaf_reaches_the_exact_sparsity_then_factors_within_budget():
 
 @pytest.mark.parametrize("budget", [0.8, 0.5, 0.3])
 def test_lpaf_ends_within_budget(budget):
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(budget, steps=16))
-    _run(comp, opt, 16)
+    train(comp, opt, 16)
     final = comp.finalize()
     assert comp.kept_cost() <= budget * comp.total_cost
     for name in TARGETS:
@@ -169,10 +137,10 @@ def test_lpaf_ends_within_budget(budget):
 
 
 def test_lpaf_learns_the_task():
-    model = _model(pretrain_steps=0)  # from scratch: the whole run must teach it
+    model = pretrained_mlp(steps=0)  # from scratch: the whole run must teach it
     comp, opt = _build(model, _config(0.3, steps=160), lr=1e-2)
     before_loss, before_acc = _eval(model)
-    _run(comp, opt, 160)
+    train(comp, opt, 160)
     final = comp.finalize()
     loss, acc = _eval(final)
     assert loss < 0.5 * before_loss
@@ -181,24 +149,24 @@ def test_lpaf_learns_the_task():
 
 
 def test_lpaf_finalize_before_the_boundary_still_factors():
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(0.5, steps=40))
-    _run(comp, opt, 3)
+    train(comp, opt, 3)
     final = comp.finalize()
     assert comp.method.factored and comp.kept_cost() <= 0.5 * comp.total_cost
     assert not any(isinstance(m, MaskedLinear) for m in final.modules())
 
 
 def test_lpaf_compaction_after_the_boundary_keeps_outputs_and_optimizer_state():
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(0.8, steps=12, options={"prune_frac": 0.5}))
-    _run(comp, opt, 8)
+    train(comp, opt, 8)
     layers = comp.method.lowrank_layers()
     assert layers
     name, layer = next(iter(layers.items()))
     rank = layer.rank
     layer.prune_(rank - 2)
-    X, _ = _task()
+    X, _ = task()
     with torch.no_grad():
         before = model(X[:64])
     assert comp.compact() == 2
@@ -207,45 +175,45 @@ def test_lpaf_compaction_after_the_boundary_keeps_outputs_and_optimizer_state():
     assert (after - before).abs().max() <= 1e-6
     assert layer.rank == rank - 2
     _optimizer_holds_exactly_the_trainable_params(model, opt)
-    _run(comp, opt, 12, start=8)
+    train(comp, opt, 12, start=8)
 
 
 @pytest.mark.parametrize("cut", [5, 14])  # before the boundary (t1 = 10) and after it (restore_structure)
 def test_lpaf_resume_across_the_boundary_equals_uninterrupted(tmp_path, cut):
     steps = 20
-    model_a = _model()
+    model_a = pretrained_mlp()
     comp_a, opt_a = _build(model_a, _config(0.5, steps=steps))
-    _run(comp_a, opt_a, steps)
+    train(comp_a, opt_a, steps)
     assert comp_a.method.boundary == 10
 
-    model_b = _model()
+    model_b = pretrained_mlp()
     comp_b, opt_b = _build(model_b, _config(0.5, steps=steps))
-    _run(comp_b, opt_b, cut)
+    train(comp_b, opt_b, cut)
     comp_b.save_checkpoint(tmp_path / "ckpt.safetensors")
 
-    model_c = _model()
+    model_c = pretrained_mlp()
     comp_c, opt_c = _build(model_c, _config(0.5, steps=steps))
     comp_c.load_checkpoint(tmp_path / "ckpt.safetensors")
     assert comp_c.method.factored == (cut >= 10)
     _optimizer_holds_exactly_the_trainable_params(model_c, opt_c)
-    _run(comp_c, opt_c, steps, start=cut)
+    train(comp_c, opt_c, steps, start=cut)
     sa, sc = model_a.state_dict(), model_c.state_dict()
     assert list(sa) == list(sc)
     for key in sa:
         assert torch.equal(sa[key], sc[key]), key
     fa, fc = comp_a.finalize(), comp_c.finalize()
-    X, _ = _task()
+    X, _ = task()
     with torch.no_grad():
         assert torch.equal(fa(X), fc(X))
 
 
 def test_lpaf_distillation_gradient_reaches_the_factors_after_the_boundary():
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(0.5, steps=10, distill_weight=1.0, feature_weight=1.0))
-    _run(comp, opt, 6)  # past the boundary (t1 = 5): the feature taps follow the new modules
+    train(comp, opt, 6)  # past the boundary (t1 = 5): the feature taps follow the new modules
     layers = comp.method.lowrank_layers()
     assert layers
-    X, _ = _task()
+    X, _ = task()
     out = model(X[:64])
     total = comp.loss(torch.zeros((), requires_grad=True), inputs=X[:64], outputs=out)
     assert comp.last_terms["kd"] > 0 and comp.last_terms["feature"] > 0
@@ -255,9 +223,9 @@ def test_lpaf_distillation_gradient_reaches_the_factors_after_the_boundary():
 
 
 def test_lpaf_first_order_importance_option():
-    model = _model()
+    model = pretrained_mlp()
     comp, opt = _build(model, _config(0.5, steps=10, options={"importance": "first_order"}))
-    _run(comp, opt, 10)
+    train(comp, opt, 10)
     comp.finalize()
     assert comp.kept_cost() <= 0.5 * comp.total_cost
 
@@ -291,4 +259,4 @@ def test_lpaf_options_are_validated():
     with pytest.raises(ValueError, match="min_scale"):
         LPAFOptions(min_scale=0)
     with pytest.raises(TypeError, match="sparsity"):
-        Compressor(_model(pretrain_steps=0), _config(0.5, options={"sparsity": 0.5}))
+        Compressor(pretrained_mlp(steps=0), _config(0.5, options={"sparsity": 0.5}))
