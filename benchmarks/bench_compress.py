@@ -136,6 +136,7 @@ def embeddings(model, batches) -> torch.Tensor:
     return torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).embeddings for b in batches])
 
 
+@torch.no_grad()
 def rel_error(X: torch.Tensor, linear: nn.Linear, layer: nn.Module) -> tuple[float, float]:
     """(||X W^T - X W_r^T||^2, ||X W^T||^2) with biases excluded; fp64."""
     W = linear.weight.double()

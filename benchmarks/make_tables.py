@@ -34,8 +34,9 @@ LAYOUTS = {
         ("t_roofline_us", "roofline (us)", ".1f"), ("bound", "bound", ""),
         ("triton/eager", "/eager", ".2f"), ("triton/compile", "/compile", ".2f"),
         ("triton/dense", "/dense", ".2f"), ("triton/roofline", "/roofline", ".2f")]),
-    "end_to_end": ("End to end: truncated SVD of every encoder linear, uniform budget", [
-        ("model", "model", ""), ("budget", "budget", ".2f"), ("kept_fraction", "kept params (linears)", ".3f"),
+    "end_to_end": ("End to end (the main job): MiniLM compressed one-shot, every encoder linear", [
+        ("model", "model", ""), ("method", "method", ""), ("allocation", "allocation", ""), ("budget", "budget", ".2f"),
+        ("kept_fraction", "kept params (linears)", ".3f"),
         ("params_model_after", "model params", ",d"), ("rel_err_mean", "layer err mean", ".3f"),
         ("rel_err_max", "layer err max", ".3f"), ("cos_mean", "cos mean", ".3f"), ("cos_min", "cos min", ".3f"),
         ("t_dense_ms", "dense (ms)", ".1f"), ("t_lowrank_ms", "compressed (ms)", ".1f"),
