@@ -399,11 +399,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    utils.save_figure(fig, path)
 
 
 def aggregate(results: dict, seeds: list[int], steps: int) -> list[dict]:
