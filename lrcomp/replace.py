@@ -134,8 +134,7 @@ def replace_linears(
             raise type(err)(f"module {name!r}: {err}") from err
         layers.append(layer.train(module.training))
     for (name, _, _), layer in zip(plan, layers, strict=True):
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+        model.set_submodule(name, layer)
     return [name for name, _, _ in plan]
 
 
@@ -148,7 +147,6 @@ def compact_lowrank(model: nn.Module) -> list[str]:
     shrunk = []
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLinear) and module.active_rank < module.rank:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.compact())
+            model.set_submodule(name, module.compact())
             shrunk.append(name)
     return shrunk

@@ -26,10 +26,6 @@ def _exact(names: Iterable[str]) -> str:
     return "|".join(re.escape(n) for n in names)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
 
 def layer_sensitivity(grad_cov: torch.Tensor) -> float:
     """``tr(G) / N``: the mean squared loss gradient per output unit of a layer (G = E[g g^T], g = dL/dy).
@@ -98,7 +94,7 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
                               stats=stats[name] if stats is not None else None, **config.method_options)
             if config.sensitivity:
                 layer.importance = layer.importance * layer_sensitivity(stats[name]["grad_cov"])
-            _set_module(model, name, layer)
+            model.set_submodule(name, layer)
         table = config.cost_table
         if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
             table = LatencyTable.from_json(table)
@@ -107,7 +103,7 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
 
     for name in targets:
         if name not in ranks:
-            _set_module(model, name, originals[name])
+            model.set_submodule(name, originals[name])
             continue
         current = model.get_submodule(name)
         if isinstance(current, LowRankLinear) and config.method not in _SUBSPACE_DEPENDS_ON_RANK:
@@ -115,7 +111,7 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
         else:
             layer = factorize(originals[name], ranks[name], method=config.method,
                               stats=stats[name] if stats is not None else None, **config.method_options)
-        _set_module(model, name, layer.train(originals[name].training))
+        model.set_submodule(name, layer.train(originals[name].training))
     model.lrcomp_allocation = ranks
     return model
 

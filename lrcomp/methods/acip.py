@@ -83,8 +83,7 @@ class ACIP(JointMethod):
             if opts.lora_rank:
                 layer.add_lora(min(opts.lora_rank, layer.rank), opts.lora_alpha)
             layer.train(linear.training)
-            parent, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent), child, layer)
+            self.model.set_submodule(name, layer)
             self.origin[name] = torch.arange(layer.rank)
             self.reservoir[name] = {}
         costs = [self.model.get_submodule(n).in_features + self.model.get_submodule(n).out_features
@@ -214,8 +213,7 @@ class ACIP(JointMethod):
             new.scores = nn.Parameter(torch.full_like(S, self.options.score_init), requires_grad=False)
             new.active = torch.ones(len(keep), dtype=torch.bool, device=layer.active.device)
             new.importance = None
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+            model.set_submodule(name, new)
 
     def materialize(self, budget: float) -> nn.Module:
         """A compact copy of the model at ``budget`` (fraction of the targeted weights), from the global ranking.

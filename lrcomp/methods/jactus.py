@@ -148,10 +148,6 @@ class CoreLowRankLinear(LowRankLinear):
         return total if compact else total + self.core.numel()
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
 
 class JACTUS(JointMethod):
     """See the module docstring: union-of-subspaces factorisation, frozen bases, trainable core."""
@@ -175,7 +171,7 @@ class JACTUS(JointMethod):
         else:
             # Full rank: the union is the whole space, so the importance is the exact whitened one.
             for name, linear in originals.items():
-                _set_module(self.model, name, factorize(linear, None, method="jactus_union", stats=stats[name],
+                self.model.set_submodule(name, factorize(linear, None, method="jactus_union", stats=stats[name],
                                                         **opts))
             table = config.cost_table
             if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
@@ -186,7 +182,7 @@ class JACTUS(JointMethod):
                                        target_modules=self.comp._exact())
             finally:
                 for name, linear in originals.items():
-                    _set_module(self.model, name, linear)
+                    self.model.set_submodule(name, linear)
         # The Compressor checks the budget in parameters; a latency allocation may keep more.
         kept = sum(ranks[n] * (m.in_features + m.out_features) if n in ranks else m.in_features * m.out_features
                    for n, m in originals.items())
@@ -199,7 +195,7 @@ class JACTUS(JointMethod):
                 continue
             layer = factorize(linear, ranks[name], method="jactus_union", stats=stats[name], **opts)
             core = CoreLowRankLinear.from_lowrank(layer, train_bias=self.options.train_bias)
-            _set_module(self.model, name, core.train(linear.training))
+            self.model.set_submodule(name, core.train(linear.training))
 
     def core_layers(self) -> dict[str, CoreLowRankLinear]:
         return {n: m for n, m in self.lowrank_layers().items() if isinstance(m, CoreLowRankLinear)}
@@ -207,7 +203,7 @@ class JACTUS(JointMethod):
     def finalize(self) -> nn.Module:
         """Fold every core into its factors: plain LowRankLinear layers of ``r (K + N)`` weights."""
         for name, layer in self.core_layers().items():
-            _set_module(self.model, name, layer.fold())
+            self.model.set_submodule(name, layer.fold())
         return self.model
 
     def state_dict(self):

@@ -178,10 +178,6 @@ def swap_params_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Pa
     raise ValueError("the optimizer does not hold the dense weight being factored: build it from comp.parameters()")
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
 
 class LPAF(JointMethod):
     """See the module docstring: movement pruning, sparsity-aware SVD, mixed-rank fine-tuning."""
@@ -219,7 +215,7 @@ class LPAF(JointMethod):
         self.factored = False
         self.ranks: dict[str, int] = {}
         for name in self.comp.targets:
-            _set_module(self.model, name, MaskedLinear.from_linear(self.model.get_submodule(name)))
+            self.model.set_submodule(name, MaskedLinear.from_linear(self.model.get_submodule(name)))
 
     def masked_layers(self) -> dict[str, MaskedLinear]:
         return {n: m for n in self.comp.targets if isinstance(m := self.model.get_submodule(n), MaskedLinear)}
@@ -266,12 +262,12 @@ class LPAF(JointMethod):
             element = source.to(torch.float64) * layer.mask
             full[name] = factorize(sparse, None, method="sparsity_aware", importance=element,
                                    min_scale=self.options.min_scale)
-            _set_module(self.model, name, full[name])
+            self.model.set_submodule(name, full[name])
         try:
             ranks = self._allocate()
         finally:
             for name, layer in masked.items():
-                _set_module(self.model, name, layer)
+                self.model.set_submodule(name, layer)
         for name, layer in masked.items():
             if name not in ranks:
                 layer.release_mask()
@@ -291,7 +287,7 @@ class LPAF(JointMethod):
         new = [lowrank.U, lowrank.S, lowrank.V] if dense.weight.requires_grad else []
         if dense.weight.requires_grad:
             swap_params_in_optimizer(self.comp.optimizer, dense.weight, new)
-        _set_module(self.model, name, lowrank.train(dense.training))
+        self.model.set_submodule(name, lowrank.train(dense.training))
 
     def _rebind_taps(self) -> None:
         tap = getattr(self.comp, "_student_tap", None)
@@ -320,7 +316,7 @@ class LPAF(JointMethod):
         if not self.factored:
             self.factorize_layers()
         for name, layer in self.masked_layers().items():
-            _set_module(self.model, name, layer.to_linear())
+            self.model.set_submodule(name, layer.to_linear())
         return super().finalize()
 
     def state_dict(self):

@@ -131,8 +131,7 @@ class PCLoRA(JointMethod):
         self.ranks = ranks
         for name, linear in linears.items():
             layer = self._adapter(linear, ranks[name])
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            model.set_submodule(name, layer)
         self.lam = 1.0
 
     def _adapter(self, linear: nn.Linear, rank: int) -> LowRankLinear:

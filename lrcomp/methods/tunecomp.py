@@ -165,8 +165,7 @@ class TuneComp(JointMethod):
             layer.attach_dense(linear.weight.detach().clone(), scale=1.0)
             layer.lowrank_scale = 0.0  # sqrt(1 - alpha_0^2)
             self._cov[name] = layer_stats["input_cov"].to(device=layer.V.device, dtype=torch.float64)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            model.set_submodule(name, layer)
         self.initial_fraction = self._lowrank_cost() / comp.total_cost
         self.alpha = 1.0
         self.events_done = 0
