@@ -224,8 +224,12 @@ def _triton_status() -> str | None:
     return None
 
 
-def run_gpu_lane(args) -> list[dict] | None:
-    """Time every (shape, rank, M, pass) case on cuda:0; None (with a message) without CUDA."""
+def run_gpu_lane(args, on_row: Callable[[list[dict]], None] | None = None) -> list[dict] | None:
+    """Time every (shape, rank, M, pass) case on cuda:0; None (with a message) without CUDA.
+
+    ``on_row(rows)`` is called after each case (the script writes the results file there, so
+    an interrupted run keeps what it measured).
+    """
     if not torch.cuda.is_available():
         print("GPU lane skipped: torch.cuda.is_available() is False (no CUDA device or a CPU-only torch "
               f"{torch.__version__}). Run it on a machine with an NVIDIA GPU.")
@@ -273,13 +277,13 @@ def run_gpu_lane(args) -> list[dict] | None:
             for other in ("eager", "compile", "dense", "roofline"):
                 ref = row.get(f"t_{other}_us")
                 row[f"triton/{other}"] = main / ref if main and ref else None
+            row.update({"peak_bw_Bps": bandwidth, "peak_bf16_flops": peak_flops, "compile_mode": args.compile_mode})
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             torch.cuda.empty_cache()
     finally:
         lrcomp.set_backend(previous)
-    row_meta = {"peak_bw_Bps": bandwidth, "peak_bf16_flops": peak_flops, "compile_mode": args.compile_mode}
-    for row in rows:
-        row.update(row_meta)
     return rows
 
 
@@ -319,10 +323,10 @@ def main(argv=None) -> int:
         out = args.out or utils.RESULTS_DIR / "lowrank_linear_cpu.json"
         columns = ["K", "N", "r", "M", "pass", "t_lowrank_us", "t_dense_us", "ratio", "ratio_min", "flop_ratio"]
     else:
-        rows = run_gpu_lane(args)
+        out = args.out or utils.RESULTS_DIR / f"lowrank_linear_{utils.slug(utils.gpu_name() or 'gpu')}.json"
+        rows = run_gpu_lane(args, on_row=lambda rows: utils.write_results(out, rows, kind="lowrank_linear_gpu"))
         if rows is None:
             return 0
-        out = args.out or utils.RESULTS_DIR / f"lowrank_linear_{utils.slug(utils.gpu_name())}.json"
         columns = ["K", "N", "rank", "M", "pass", "t_triton_us", "t_eager_us", "t_compile_us", "t_dense_us",
                    "t_roofline_us", "bound", "triton/eager", "triton/compile", "triton/dense", "triton/roofline"]
     path = utils.write_results(out, rows, kind=f"lowrank_linear_{args.lane}")

@@ -63,7 +63,8 @@ def rel_error(A: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tenso
     return float((err / torch.linalg.matrix_norm(A)).max())
 
 
-def run(ranks=RANKS, cases=CASES) -> list[dict]:
+def run(ranks=RANKS, cases=CASES, on_row=None) -> list[dict]:
+    """One row per (case, rank); ``on_row(rows)`` after each (the script saves the file there)."""
     import lrcomp
     from lrcomp import _ext
     from lrcomp.linalg import rsvd
@@ -99,6 +100,8 @@ def run(ranks=RANKS, cases=CASES) -> list[dict]:
                 row["ours_err"] <= row["svd_lowrank_err"] * (1 + 1e-3)
             row["target_linalg_svd_met"] = row["speedup_vs_linalg_svd"] >= 20 if r <= 256 else None
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             print(utils.format_table([row], ["batch", "m", "n", "rank", "ours_s", "svd_lowrank_s", "linalg_svd_s",
                                              "ours_err", "svd_lowrank_err", "optimal_err",
                                              "speedup_vs_svd_lowrank", "speedup_vs_linalg_svd"]), flush=True)
@@ -115,11 +118,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_rsvd: no CUDA device; this benchmark has only a GPU lane. Nothing to do.")
         return 0
-    rows = run(tuple(args.ranks))
     out = args.out or utils.RESULTS_DIR / f"rsvd_{utils.slug(utils.gpu_name())}.json"
     meta = {"oversample": OVERSAMPLE, "niter": NITER, "spectrum": "s_i ~ (i+1)^-0.5",
             "allow_tf32": torch.backends.cuda.matmul.allow_tf32}
-    print("wrote", utils.write_results(out, rows, kind="rsvd", meta=meta))
+    run(tuple(args.ranks), on_row=lambda rows: utils.write_results(out, rows, kind="rsvd", meta=meta))
+    print("wrote", out)
     return 0
 
 
