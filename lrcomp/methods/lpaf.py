@@ -72,6 +72,10 @@ class LPAFOptions:
     warmup_frac: float = 0.1
     cooldown_frac: float = 0.2
     importance: str = "movement"  # element importance of the sparsity-aware SVD: "movement" or "first_order"
+    # The score that phase 1 prunes by: "movement" (-sum W dL/dW', Sanh et al. 2020) or "first_order"
+    # (sum |W dL/dW'|, a Taylor estimate of each weight's effect on the loss, which keeps large weights
+    # that the gradient barely moves; steadier when phase 1 is short).
+    prune_score: str = "movement"
     min_scale: float = 1e-6  # floor of the row / column importance sums (factorize's sparsity_aware option)
 
     def __post_init__(self) -> None:
@@ -90,6 +94,8 @@ class LPAFOptions:
                              f"{self.warmup_frac} + {self.cooldown_frac}")
         if self.importance not in IMPORTANCES:
             raise ValueError(f"lpaf option importance must be one of {IMPORTANCES}, got {self.importance!r}")
+        if self.prune_score not in IMPORTANCES:
+            raise ValueError(f"lpaf option prune_score must be one of {IMPORTANCES}, got {self.prune_score!r}")
         if isinstance(self.min_scale, bool) or not isinstance(self.min_scale, (int, float)) \
                 or not 0 < self.min_scale <= 1:
             raise ValueError(f"lpaf option min_scale must be in (0, 1], got {self.min_scale!r}")
@@ -130,9 +136,10 @@ class MaskedLinear(nn.Linear):
         self.first_order.add_(step.abs())
 
     @torch.no_grad()
-    def prune_to(self, count: int) -> None:
-        """Mask exactly the ``count`` weights of lowest movement score (ties: lower flat index first)."""
-        order = torch.argsort(self.movement.flatten(), stable=True)
+    def prune_to(self, count: int, score: str = "movement") -> None:
+        """Mask exactly the ``count`` weights of lowest ``score`` ("movement" or "first_order"; ties: lower
+        flat index first)."""
+        order = torch.argsort(getattr(self, score).flatten(), stable=True)
         mask = torch.ones(self.mask.numel(), dtype=torch.bool, device=self.mask.device)
         mask[order[:count]] = False
         self.mask.copy_(mask.view_as(self.mask))
@@ -225,7 +232,7 @@ class LPAF(JointMethod):
             return
         if step <= self.boundary:
             for layer in self.masked_layers().values():
-                layer.prune_to(self.pruned_count(step, layer.weight.numel()))
+                layer.prune_to(self.pruned_count(step, layer.weight.numel()), self.options.prune_score)
         if step >= self.boundary:
             self.factorize_layers()
 

@@ -87,6 +87,9 @@ def test_lpaf_movement_scores_accumulate_minus_w_times_grad():
     layer.prune_to(7)
     assert int((~layer.mask).sum()) == 7
     assert bool(layer.movement[~layer.mask].max() <= layer.movement[layer.mask].min())
+    layer.prune_to(7, "first_order")  # the Taylor score: |W dL/dW'|
+    assert int((~layer.mask).sum()) == 7
+    assert bool(layer.first_order[~layer.mask].max() <= layer.first_order[layer.mask].min())
 
 
 def test_lpaf_reaches_the_exact_sparsity_then_factors_within_budget():
@@ -256,6 +259,8 @@ def test_lpaf_options_are_validated():
         LPAFOptions(warmup_frac=0.6, cooldown_frac=0.5)
     with pytest.raises(ValueError, match="importance"):
         LPAFOptions(importance="magnitude")
+    with pytest.raises(ValueError, match="prune_score"):
+        LPAFOptions(prune_score="magnitude")
     with pytest.raises(ValueError, match="min_scale"):
         LPAFOptions(min_scale=0)
     with pytest.raises(TypeError, match="sparsity"):
