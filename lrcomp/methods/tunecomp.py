@@ -70,6 +70,7 @@ class TuneCompOptions:
         prune_end: fraction of ``total_steps`` at which the last pruning event reaches the budget.
         pruning_events: number of pruning events (each followed by a compaction).
         asvd_alpha: exponent of the ASVD scaling (``init_method="asvd"``).
+        normalize_mix: divide both branch scales by ``alpha_t + sqrt(1 - alpha_t^2)`` (see below).
     """
 
     # T: the decay covers the first half of the run, the student alone is tuned afterwards.
@@ -82,6 +83,13 @@ class TuneCompOptions:
     pruning_events: int = 10
     # ASVD's default exponent (Yuan et al. 2023).
     asvd_alpha: float = 0.5
+    # The paper's scales alpha_t and sqrt(1 - alpha_t^2) sum to up to sqrt(2) (at alpha_t = 1/sqrt(2)):
+    # with an activation-aware init the student's output is close to the teacher's, so every targeted
+    # layer's output is inflated by up to 41% in the middle of the transition. On MiniLM that left the
+    # mean-pooled embeddings at cosine 0.52 (alpha 0.9) and 0.35 (alpha 0.71) to the dense ones, and
+    # training stayed at chance until the dense branch was gone. Normalising keeps the paper's ratio of
+    # the two branches and their end points, and the output continuous (exact when student == W0).
+    normalize_mix: bool = True
 
     def __post_init__(self) -> None:
         self.decay_ratio = _fraction("decay_ratio", self.decay_ratio)
@@ -202,8 +210,10 @@ class TuneComp(JointMethod):
                     layer.drop_dense()
                 layer.lowrank_scale = 1.0
             else:
-                layer.dense_scale = self.alpha
-                layer.lowrank_scale = math.sqrt(1.0 - self.alpha * self.alpha)
+                dense, lowrank = self.alpha, math.sqrt(1.0 - self.alpha * self.alpha)
+                total = dense + lowrank if self.options.normalize_mix else 1.0
+                layer.dense_scale = dense / total
+                layer.lowrank_scale = lowrank / total
 
     def on_step(self, step: int) -> None:
         self.alpha = alpha_at(step, self.transition_steps)

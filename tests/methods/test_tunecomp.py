@@ -123,15 +123,17 @@ def test_learns_and_ends_within_budget_with_monotone_ranks(budget):
     assert _accuracy(final) > 0.8  # chance is 0.25
 
 
-def test_scales_follow_alpha_and_dense_dropped_at_T():
-    model, comp, opt = _build(steps=40, options={"decay_ratio": 0.5})
+@pytest.mark.parametrize("normalize", [True, False])
+def test_scales_follow_alpha_and_dense_dropped_at_T(normalize):
+    model, comp, opt = _build(steps=40, options={"decay_ratio": 0.5, "normalize_mix": normalize})
     layer = model.get_submodule(comp.targets[1])
     assert layer.dense_scale == 1.0 and layer.lowrank_scale == 0.0
     for t in range(1, 20):
         _train(model, comp, opt, 1, start=t - 1)
         alpha = 1 - math.sin(math.pi * t / 40)
-        assert layer.dense_scale == pytest.approx(alpha, abs=1e-12)
-        assert layer.lowrank_scale == pytest.approx(math.sqrt(1 - alpha ** 2), abs=1e-12)
+        total = alpha + math.sqrt(1 - alpha ** 2) if normalize else 1.0  # the paper's scales when not normalised
+        assert layer.dense_scale == pytest.approx(alpha / total, abs=1e-12)
+        assert layer.lowrank_scale == pytest.approx(math.sqrt(1 - alpha ** 2) / total, abs=1e-12)
     _train(model, comp, opt, 1, start=19)
     assert comp.method.alpha == 0.0
     for name in comp.targets:
