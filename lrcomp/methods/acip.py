@@ -33,8 +33,12 @@ import math
 import torch
 from torch import nn
 
+from lrcomp.compression.factorizations import factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods.base import JointMethod
+
+
+ACIP_BASES = ("svd", "svd_llm")
 
 
 @dataclasses.dataclass
@@ -46,6 +50,10 @@ class ACIPOptions:
     score_lr: float = 0.02  # learning rate of the scores (own parameter group)
     lora_rank: int = 8  # LoRA compensation rank per layer (0: none); the paper trains LoRA adapters jointly
     lora_alpha: float = 16.0
+    # The frozen factorisation: "svd" (the paper's plain SVD of W) or "svd_llm" (SVD of W whitened by the
+    # input covariance, which needs calibration data: a pruned direction then costs its exact share of the
+    # output error on that data instead of its share of ||W||).
+    basis: str = "svd"
 
     def __post_init__(self) -> None:
         for name in ("lambda_start", "lambda_end", "score_init", "score_lr", "lora_alpha"):
@@ -59,11 +67,18 @@ class ACIPOptions:
             raise ValueError(f"acip option prune_fraction must be in (0, 1], got {self.prune_fraction!r}")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ValueError(f"acip option lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        if self.basis not in ACIP_BASES:
+            raise ValueError(f"acip option basis must be one of {ACIP_BASES}, got {self.basis!r}")
 
 
 class ACIP(JointMethod):
     name = "acip"
     Options = ACIPOptions
+
+    def __init__(self, compressor) -> None:
+        super().__init__(compressor)
+        if self.options.basis == "svd_llm":  # instance attribute: the Compressor reads it after __init__
+            self.needed_stats = ("input_cov",)
 
     def setup(self, stats) -> None:
         opts = self.options
@@ -73,7 +88,11 @@ class ACIP(JointMethod):
         self.frozen = False
         for name in self.comp.targets:
             linear = self.model.get_submodule(name)
-            layer = LowRankLinear.from_linear(linear, None, mask_fn="ste")
+            if opts.basis == "svd":
+                layer = LowRankLinear.from_linear(linear, None, mask_fn="ste")
+            else:
+                layer = factorize(linear, None, method=opts.basis, stats=stats[name])
+                layer.mask_fn = "ste"
             for p in (layer.U, layer.S, layer.V):
                 p.requires_grad_(False)
             if layer.bias is not None:

@@ -10,6 +10,7 @@ from toy import pretrained_mlp, task, train
 import lrcomp
 from lrcomp import CompressionConfig, Compressor
 from lrcomp.layers import LowRankLinear
+from lrcomp.methods.acip import ACIPOptions
 
 
 def _accuracy(model, X, y):
@@ -44,6 +45,25 @@ def test_acip_ends_within_budget_and_keeps_accuracy(budget):
     assert all(m.active_rank == m.rank for m in comp.method.lowrank_layers().values())  # compact
     assert _accuracy(final, X, y) >= base - (0.05 if budget >= 0.5 else 0.25)
     assert _accuracy(final, X, y) > 0.5  # chance is 0.25
+
+
+def test_acip_svd_llm_basis_calibrates_and_learns():
+    X, y = task()
+    model = pretrained_mlp(steps=150)
+    base = _accuracy(model, X, y)
+    with pytest.raises(ValueError, match="calib_data"):
+        Compressor(pretrained_mlp(steps=0), _config(0.5, method_options={"basis": "svd_llm"}))
+    comp = Compressor(model, _config(0.5, method_options={"basis": "svd_llm"}), calib_data=[X[:256], X[256:512]])
+    layer = comp.method.lowrank_layers()["0"]
+    assert layer.mask_fn == "ste" and not layer.U.requires_grad and layer.scores.requires_grad
+    # at full rank the whitened factors reproduce the dense layer
+    torch.testing.assert_close(model(X[:64]), pretrained_mlp(steps=150)(X[:64]), atol=1e-4, rtol=1e-4)
+    comp, _ = _run(model, None, 150, comp=comp)
+    final = comp.finalize()
+    assert comp.kept_cost() <= 0.5 * comp.total_cost
+    assert _accuracy(final, X, y) >= base - 0.05
+    with pytest.raises(ValueError, match="basis"):
+        ACIPOptions(basis="qr")
 
 
 def test_acip_prunes_progressively_and_compacts_with_optimizer_state():
