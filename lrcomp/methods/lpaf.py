@@ -3,11 +3,14 @@ Model Compression").
 
 Three phases over ``total_steps = T``:
 
-1. **First-order (movement) pruning** for the first ``t_1 = round(prune_frac T)`` steps. Every target
+1. **First-order pruning** for the first ``t_1 = round(prune_frac T)`` steps. Every target
    ``W [N, K]`` becomes a :class:`MaskedLinear` (``y = x (W * mask)^T + b``, ``mask`` a bool buffer)
-   and accumulates the movement scores of Sanh et al. 2020 at every backward pass,
+   and accumulates at every backward pass the first-order (Taylor) score and the movement score of
+   Sanh et al. 2020,
 
-       S <- S - W * dL/dW'          (W' = W * mask: straight-through, pruned weights keep a score)
+       F <- F + |W * dL/dW'|,   S <- S - W * dL/dW'   (W' = W * mask: straight-through, pruned weights keep a score)
+
+   and prunes by ``F`` (option ``prune_score="first_order"``, the default) or by ``S`` ("movement").
 
    After every step the ``k(t) = round(s(t) N K)`` weights of lowest score are masked, with the cubic
    schedule of Zhu & Gupta 2017 between a warm-up and a cool-down (``t_w = round(warmup_frac t_1)``,
@@ -72,10 +75,11 @@ class LPAFOptions:
     warmup_frac: float = 0.1
     cooldown_frac: float = 0.2
     importance: str = "movement"  # element importance of the sparsity-aware SVD: "movement" or "first_order"
-    # The score that phase 1 prunes by: "movement" (-sum W dL/dW', Sanh et al. 2020) or "first_order"
-    # (sum |W dL/dW'|, a Taylor estimate of each weight's effect on the loss, which keeps large weights
-    # that the gradient barely moves; steadier when phase 1 is short).
-    prune_score: str = "movement"
+    # The score that phase 1 prunes by: "first_order" (sum |W dL/dW'|, a Taylor estimate of each weight's
+    # effect on the loss) or "movement" (-sum W dL/dW', Sanh et al. 2020). Movement pruning needs long
+    # runs: in the 200-step MiniLM selection runs (benchmarks/results/quality_gpu_selection.json) it left
+    # the model at chance for every learning rate tried, first-order reached 0.753 validation accuracy.
+    prune_score: str = "first_order"
     min_scale: float = 1e-6  # floor of the row / column importance sums (factorize's sparsity_aware option)
 
     def __post_init__(self) -> None:
@@ -187,7 +191,7 @@ def swap_params_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Pa
 
 
 class LPAF(JointMethod):
-    """See the module docstring: movement pruning, sparsity-aware SVD, mixed-rank fine-tuning."""
+    """See the module docstring: first-order pruning, sparsity-aware SVD, mixed-rank fine-tuning."""
 
     name = "lpaf"
     Options = LPAFOptions
