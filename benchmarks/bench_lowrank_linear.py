@@ -287,6 +287,35 @@ def run_gpu_lane(args, on_row: Callable[[list[dict]], None] | None = None) -> li
     return rows
 
 
+def profile_gpu_case(args) -> int:
+    """Print torch.profiler tables (CPU and CUDA time per op) for each implementation on the first case."""
+    if not torch.cuda.is_available():
+        print("--profile needs a CUDA device")
+        return 0
+    from torch.profiler import ProfilerActivity, profile
+
+    K, N = next(s for s in utils.LLAMA2_7B_SHAPES if args.shapes is None or f"{s[0]}x{s[1]}" in args.shapes)
+    label, r = gpu_ranks(K, N, args.ranks or GPU_FIXED_RANKS)[0]
+    M, pass_ = (args.ms or GPU_MS)[0], args.passes[0]
+    previous = lrcomp.get_backend()
+    try:
+        for impl, (fn, _, backend) in _gpu_case(K, N, r, M, pass_, args.impls, args.compile_mode).items():
+            if backend is not None:
+                lrcomp.set_backend(backend)
+            for _ in range(3):
+                fn()  # compile / autotune outside the profile
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"\n== {impl}: {K}x{N} rank {label} M={M} {pass_} (20 calls)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    finally:
+        lrcomp.set_backend(previous)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -310,6 +339,9 @@ def main(argv=None) -> int:
     gpu.add_argument("--compile-mode", default="default", help="torch.compile mode for the eager two-GEMM")
     gpu.add_argument("--peak-bw", type=float, default=None, help="override peak memory bandwidth, bytes/s")
     gpu.add_argument("--peak-flops", type=float, default=None, help="override peak bf16 FLOP/s")
+    gpu.add_argument("--profile", action="store_true",
+                     help="no timing table: torch.profiler of 20 calls of each implementation on the first case "
+                          "(host vs device time: where a slow call spends it)")
     args = parser.parse_args(argv)
     for name in ("m", "rounds", "repeats"):
         if getattr(args, name) < 1:
@@ -322,6 +354,8 @@ def main(argv=None) -> int:
         rows = run_cpu_lane(args)
         out = args.out or utils.RESULTS_DIR / "lowrank_linear_cpu.json"
         columns = ["K", "N", "r", "M", "pass", "t_lowrank_us", "t_dense_us", "ratio", "ratio_min", "flop_ratio"]
+    elif args.profile:
+        return profile_gpu_case(args)
     else:
         out = args.out or utils.RESULTS_DIR / f"lowrank_linear_{utils.slug(utils.gpu_name() or 'gpu')}.json"
         rows = run_gpu_lane(args, on_row=lambda rows: utils.write_results(out, rows, kind="lowrank_linear_gpu"))

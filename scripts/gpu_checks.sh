@@ -2,7 +2,7 @@
 # The checks that need an NVIDIA GPU, in one command (CI has no GPU; see README "GPU checks").
 #
 #   bash scripts/gpu_checks.sh [STEP ...]      STEP in: install tests linalg-bench lowrank-bench compile-bench
-#                                              (default: all of them, in that order)
+#                                              profile (default: all but profile, in that order)
 #
 # Logs and results go to ${OUT:-gpu_out}/ (log.txt, results.tgz with the benchmark JSON files).
 # Every step runs under `timeout` so that one slow step cannot lose the others' output; the
@@ -59,8 +59,13 @@ torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOG"
         run "${T_COMPILE:-300}" python3 benchmarks/bench_lowrank_linear.py --lane gpu --shapes 4096x4096 \
             --ms 1 16 2048 --impls triton compile --out benchmarks/results/lowrank_linear_gpu_compile.json
         ;;
+    profile)
+        say "profile: where one low-rank linear call spends its time (Triton vs eager, decode shape)"
+        run 300 python3 benchmarks/bench_lowrank_linear.py --lane gpu --profile --shapes 4096x4096 --ranks 256 \
+            --ms 1 --passes fwd --impls triton eager dense
+        ;;
     *)
-        echo "unknown step $step (install tests linalg-bench lowrank-bench compile-bench)" >&2
+        echo "unknown step $step (install tests linalg-bench lowrank-bench compile-bench profile)" >&2
         exit 2
         ;;
     esac
