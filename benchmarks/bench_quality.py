@@ -21,17 +21,18 @@ Methods, each run through :func:`run_method` with the same total number of optim
   smallest budget and ``comp.materialize(b)`` gives every budget (reported as is, no re-training).
 
 A method that does not exist yet or raises ``NotImplementedError`` is reported as skipped.
-Results: ``benchmarks/results/quality_cpu.json`` and ``quality_cpu.png`` (accuracy vs kept
-parameters); ``--save-dir`` keeps the most accurate model at the smallest budget as safetensors
-with a JSON of its ranks.
+Results: ``benchmarks/results/quality_cpu.json`` (``quality_quick_cpu.json`` with ``--quick``) and
+the PNG beside it (accuracy vs kept parameters); ``--save-dir`` keeps the most accurate model at the
+smallest budget as safetensors with a JSON of its ranks. ``--runs-jsonl`` appends every finished
+run to a file, and ``--merge`` aggregates such files: benchmarks/quality_sweep.py uses both to choose
+each method's learning rate on a validation split and to run the grid in parallel processes.
 
     python benchmarks/bench_quality.py --quick        # one seed, budget 0.5, 200 steps: ~15-25 min on 2 cores
     python benchmarks/bench_quality.py                # 3 seeds x 3 budgets, 200 steps: several hours on 2 cores
+    python benchmarks/quality_sweep.py --device cuda --parallel 15 -- ...   # selection + grid (~6 min, one H100)
 
-Measured on 2 shared CPU cores, --quick (seed 0, budget 0.5, 200 steps), test accuracy (chance 1/6):
-dense 0.737, seq_svd_llm 0.722, seq_svd 0.703, tunecomp 0.683, jactus 0.550, acip 0.448,
-pc_lora 0.297, lpaf 0.167 (benchmarks/results/quality_quick_cpu.json). With 32 steps every joint
-method stays at chance: they need far more steps than a plain fine-tune.
+The grid in the README (benchmarks/results/quality.json) was measured on an H100 with
+quality_sweep.py (the TuneComp rows on the CPU, after its mixing fix); see the README for what it shows.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ SEQUENTIAL = {"seq_svd": "svd", "seq_svd_llm": "svd_llm"}
 JOINT_DEFAULT = ("acip", "pc_lora", "tunecomp", "jactus", "lpaf")
 # Methods where one run at the smallest budget gives every budget (comp.materialize).
 ONE_RUN_ALL_BUDGETS = ("acip",)
+# Learning rates chosen per method on a validation split (benchmarks/quality_sweep.py phase A, 200 steps,
+# budget 0.5, seed 0, among 1e-4 / 5e-4 / 2e-3: benchmarks/results/quality_gpu_selection.json); a method
+# not listed uses --lr. --method-lr overrides them.
+DEFAULT_METHOD_LR = {"dense": 5e-4, "seq_svd": 1e-4, "seq_svd_llm": 1e-4, "acip": 5e-4, "pc_lora": 2e-3,
+                     "tunecomp": 5e-4, "jactus": 5e-4, "lpaf": 1e-4}
 DATA_SEED = 1234  # fixes the train/test split, independent of the run seeds
 # Seconds per training step of the joint methods relative to a dense step, used only for the
 # time estimate printed before the grid (a guess until they have been measured).
@@ -129,18 +135,26 @@ class Task:
                 yield self.encode([self.train_texts[i] for i in ids], [self.train_labels[i] for i in ids])
 
     def encode(self, texts: list[str], labels: list[int]) -> dict:
+        """Token ids, masks and ``labels`` of ``texts``, on ``--device``."""
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.args.max_length,
                              return_tensors="pt")
-        return {**enc, "labels": torch.tensor(labels)}
+        return {k: v.to(self.args.device) for k, v in {**enc, "labels": torch.tensor(labels)}.items()}
 
     def fresh_model(self, seed: int) -> MeanPoolClassifier:
-        """The pretrained encoder (a copy) + a head initialised from ``seed``."""
+        """The pretrained encoder (a copy) + a head initialised from ``seed`` (on the CPU, then moved)."""
         torch.manual_seed(seed)
-        return MeanPoolClassifier(copy.deepcopy(self.encoder), len(self.label_names)).train()
+        head = nn.Linear(self.encoder.config.hidden_size, len(self.label_names))
+        model = MeanPoolClassifier(copy.deepcopy(self.encoder), len(self.label_names))
+        model.classifier = head.to(self.args.device)
+        return model.train()
 
 
 def load_task(args) -> Task:
-    """The K largest categories, at most ``per_class`` texts each, split per class (fixed seed)."""
+    """The K largest categories, at most ``per_class`` texts each, split per class (fixed seed).
+
+    With ``--eval-split val`` a further ``--val-fraction`` of each class moves from train to a
+    validation set that replaces the test set (for choosing hyperparameters; the test set is untouched).
+    """
     texts, labels, names = load_labeled_texts(args.data, seed=DATA_SEED, min_chars=20, max_chars=400)
     counts: dict[int, int] = {}
     for y in labels:
@@ -156,9 +170,11 @@ def load_task(args) -> Task:
     train, test = [], []
     for y, items in per_class.items():
         n_test = max(1, round(len(items) * args.test_fraction))
-        test += [(t, remap[y]) for t in items[:n_test]]
-        train += [(t, remap[y]) for t in items[n_test:]]
-    encoder, tokenizer = load_encoder(args.model)
+        n_val = max(1, round(len(items) * args.val_fraction)) if args.eval_split == "val" else 0
+        held_out = items[:n_test] if n_val == 0 else items[n_test:n_test + n_val]
+        test += [(t, remap[y]) for t in held_out]
+        train += [(t, remap[y]) for t in items[n_test + n_val:]]
+    encoder, tokenizer = load_encoder(args.model, device=args.device)
     task = Task(encoder=encoder, tokenizer=tokenizer, train_texts=[t for t, _ in train],
                 train_labels=[y for _, y in train], test_batches=[],
                 label_names=[names[y] for y in sorted(keep, key=lambda y: names[y])], args=args)
@@ -259,7 +275,8 @@ def _make_compressor(model, method: str, budget: float, task: Task, seed: int):
     # no task knowledge (logit KD to it pulls the student towards a random classifier); the methods
     # that distil keep their feature distillation to the pretrained representations.
     config = lrcomp.CompressionConfig(method=method, budget=budget, total_steps=task.args.steps,
-                                      exclude_modules=EXCLUDE, distill_weight=0.0)
+                                      exclude_modules=EXCLUDE, distill_weight=0.0,
+                                      method_options=dict(task.args.method_options.get(method, {})))
     calib = [b for _, b in zip(range(task.args.calib_batches), task.batches(seed + 10_000), strict=False)]
     return lrcomp.Compressor(model, config, calib_data=calib, loss_fn=classification_loss, teacher=None)
 
@@ -272,20 +289,21 @@ def run_method(name: str, budget: float | None, seed: int, task: Task,
     single run (at ``budget``, the smallest). Raises :class:`SkipMethod` when the method cannot run.
     """
     args = task.args
+    lr = args.method_lr.get(name, args.lr)
     t0 = time.perf_counter()
     batches = task.batches(seed)
     model = task.fresh_model(seed)
     if name == "dense":
-        train_steps(model, batches, args.steps, args.lr, f"dense s{seed}")
+        train_steps(model, batches, args.steps, lr, f"dense s{seed}")
         return [{"budget": None, "acc": accuracy(model, task.test_batches), "kept": 1.0,
                  "wall_s": time.perf_counter() - t0, "model": model}]
     if name in SEQUENTIAL:
         first = args.steps // 2
-        train_steps(model, batches, first, args.lr, f"{name} b{budget} s{seed} ft1")
+        train_steps(model, batches, first, lr, f"{name} b{budget} s{seed} ft1")
         calib = [next(batches) for _ in range(args.calib_batches)]
         config = lrcomp.CompressionConfig(method=SEQUENTIAL[name], budget=budget, exclude_modules=EXCLUDE)
         model = lrcomp.compress(model, config, calib)
-        train_steps(model, batches, args.steps - first, args.lr, f"{name} b{budget} s{seed} ft2")
+        train_steps(model, batches, args.steps - first, lr, f"{name} b{budget} s{seed} ft2")
         return [{"budget": budget, "acc": accuracy(model, task.test_batches),
                  "kept": target_params(model, task.targets) / task.dense_target_params,
                  "wall_s": time.perf_counter() - t0, "model": model}]
@@ -298,7 +316,7 @@ def run_method(name: str, budget: float | None, seed: int, task: Task,
     def loss_hook(task_loss, batch, out):
         return comp.loss(task_loss, inputs=batch, outputs=out)
 
-    train_steps(model, batches, args.steps, args.lr, f"{name} b{budget} s{seed}", params=params,
+    train_steps(model, batches, args.steps, lr, f"{name} b{budget} s{seed}", params=params,
                 loss_hook=loss_hook, step_hook=comp.step, attach=comp.attach)
     train_s = time.perf_counter() - t0
     rows = []
@@ -345,12 +363,15 @@ def _probe_step_time(task: Task, steps: int = 3) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     batches = task.batches(0)
     times = []
+    sync = torch.cuda.synchronize if str(task.args.device).startswith("cuda") else (lambda: None)
     for _ in range(steps + 1):
         batch = next(batches)
+        sync()
         t0 = time.perf_counter()
         model(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
@@ -422,6 +443,71 @@ def aggregate(results: dict, seeds: list[int], steps: int) -> list[dict]:
     return rows
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected METHOD=VALUE, got {text!r}")
+    return key, value
+
+
+def report(rows: list[dict], meta: dict, args) -> None:
+    """Write ``--out`` (rows + meta), its plot, and print the table."""
+    utils.write_results(args.out, rows, meta=meta)
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    plot(rows, args.plot or args.out.with_suffix(".png"),
+         f"MiniLM + linear head, {len(meta['classes'])} fortune categories, {meta['steps']} steps, "
+         f"seeds {' '.join(map(str, seeds))}")
+    print()
+    print(utils.format_table(rows, ["method", "budget", "seeds_str", "acc_mean", "acc_std", "params_kept_fraction",
+                                    "wall_s_mean", "lr", "status", "note"], floatfmt=".3g"))
+
+
+def merge(args) -> int:
+    """``--merge``: aggregate the run lines of several ``--runs-jsonl`` files (one grid split over processes)."""
+    records = []
+    for path in args.merge:
+        with open(path, encoding="utf-8") as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    if not records:
+        raise SystemExit(f"--merge: no runs in {[str(p) for p in args.merge]}")
+    results: dict = {}
+    for rec in records:
+        entry = results.setdefault((rec["method"], rec["budget"]), {"runs": [], "status": "ok"})
+        if rec["status"] == "ok":
+            entry["runs"].append(rec)
+        elif not entry["runs"]:
+            entry.update(status=rec["status"], reason=rec.get("reason"))
+    seeds = sorted({r["seed"] for r in records})
+    steps = {r["steps"] for r in records}
+    if len(steps) != 1:
+        raise SystemExit(f"--merge: the files mix runs of {sorted(steps)} steps")
+    known = ["dense", *SEQUENTIAL, *joint_methods()]
+    rank = {m: i for i, m in enumerate(known)}
+
+    def order(item):  # dense, the baselines, the joint methods, anything else; budgets large to small
+        (method, budget), _ = item
+        return rank.get(method, len(known)), method, -(budget or 2.0)
+
+    rows = aggregate(dict(sorted(results.items(), key=order)), seeds, steps.pop())
+    for row in rows:  # the hyperparameters each method ran with (the same for all its runs)
+        runs = [r for r in records if r["method"] == row["method"] and r["status"] == "ok"]
+        row["lr"] = runs[0]["lr"] if runs else None
+        row["options"] = runs[0]["options"] if runs else None
+        row["device"] = ", ".join(sorted({r["device"] for r in runs})) or None
+    first = records[0]
+    meta = {"task": "fortunes categories" if args.data is None else str(args.data), "classes": first["classes"],
+            "n_train": first["n_train"], "n_eval": first["n_eval"], "eval_split": first["eval_split"],
+            "steps": first["steps"], "batch_size": first["batch_size"], "max_length": first["max_length"],
+            "devices": sorted({r["device"] for r in records}),
+            "dense_step_s": {d: next(r["dense_step_s"] for r in records if r["device"] == d)
+                             for d in sorted({r["device"] for r in records})},
+            "merged_from": [str(p) for p in args.merge],
+            "sequential_split": "steps // 2 before compression, the rest after"}
+    report(rows, meta, args)
+    print(f"\nmerged {len(records)} runs; wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="local HF model folder (default: bundled all-MiniLM-L6-v2)")
@@ -436,7 +522,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per run, the same total for every method (default: 200)")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="AdamW learning rate (peak of warm-up + linear decay) of a method without its own")
+    parser.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR",
+                        help=f"per-method learning rates, e.g. pc_lora=1e-3 (defaults: {DEFAULT_METHOD_LR})")
+    parser.add_argument("--method-options", nargs="+", default=[], metavar="METHOD=JSON",
+                        help='options of a joint method (CompressionConfig.method_options), e.g. '
+                             'lpaf=\'{"prune_score": "first_order"}\'')
+    parser.add_argument("--device", default="cpu", help="torch device of the runs, e.g. cuda")
+    parser.add_argument("--eval-split", choices=("test", "val"), default="test",
+                        help="val: hold out --val-fraction of the training texts and report accuracy on them "
+                             "(to choose hyperparameters without looking at the test set)")
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--runs-jsonl", type=Path, default=None,
+                        help="append one JSON line per finished run here (several processes can share a grid)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSONL",
+                        help="run nothing: aggregate the runs of these --runs-jsonl files into --out and its plot")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--calib-batches", type=int, default=8, help="training batches used for calibration")
@@ -447,6 +548,15 @@ def main(argv=None) -> int:
     parser.add_argument("--save-dir", type=Path, default=None,
                         help="save the most accurate compressed model at the smallest budget here")
     args = parser.parse_args(argv)
+    try:
+        args.method_lr = {**DEFAULT_METHOD_LR, **{k: float(v) for k, v in (_key_value(x) for x in args.method_lr)}}
+        args.method_options = {k: json.loads(v) for k, v in (_key_value(x) for x in args.method_options)}
+    except (ValueError, json.JSONDecodeError) as err:
+        parser.error(f"--method-lr / --method-options: {err}")
+    if args.merge is not None:
+        return merge(args)
+    if args.quick and args.out == DEFAULT_OUT:
+        args.out = DEFAULT_OUT.with_name("quality_quick_cpu.json")
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
     if args.budgets is None:
@@ -483,6 +593,17 @@ def main(argv=None) -> int:
           f"tokens); dense step {step_s:.2f} s -> estimated {estimate / 60:.1f} min "
           f"(joint methods counted at {JOINT_STEP_COST}x a dense step)")
 
+    def log_run(record: dict) -> None:
+        if args.runs_jsonl is not None:
+            record = {**record, "lr": args.method_lr.get(record["method"], args.lr),
+                      "options": args.method_options.get(record["method"], {}), "eval_split": args.eval_split,
+                      "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+                      "device": str(args.device), "classes": task.label_names, "n_train": len(task.train_texts),
+                      "n_eval": sum(len(b["labels"]) for b in task.test_batches), "dense_step_s": step_s}
+            args.runs_jsonl.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.runs_jsonl, "a", encoding="utf-8") as f:  # one line per run: a crash loses one run
+                f.write(json.dumps(record) + "\n")
+
     results: dict = {}
     for m, b, bs in runs:
         for key_b in (bs or [b]):
@@ -501,15 +622,18 @@ def main(argv=None) -> int:
         except (SkipMethod, NotImplementedError) as err:
             for k in keys:
                 results[k].update(status="skipped", reason=_reason(err))
+                log_run({"method": m, "budget": k[1], "seed": seed, "status": "skipped", "reason": _reason(err)})
             tqdm.write(f"skipped {m} (budget {b}): {_reason(err)}")
             continue
         except Exception as err:  # one broken method must not lose the rest of the grid
             for k in keys:
                 results[k].update(status="failed", reason=_reason(err))
+                log_run({"method": m, "budget": k[1], "seed": seed, "status": "failed", "reason": _reason(err)})
             tqdm.write(f"FAILED {m} (budget {b}, seed {seed}):\n{traceback.format_exc()}")
             continue
         for r in out:
             results[(m, r["budget"])]["runs"].append({**{k: v for k, v in r.items() if k != "model"}, "seed": seed})
+            log_run({"method": m, "status": "ok", "seed": seed, **{k: v for k, v in r.items() if k != "model"}})
             tqdm.write(f"{m:12s} budget {r['budget']!s:5s} seed {seed}: acc {r['acc']:.4f}  kept {r['kept']:.3f}  "
                        f"{r['wall_s']:.1f} s")
             if args.save_dir is not None and r["budget"] == smallest and (best is None or r["acc"] > best["acc"]):
@@ -518,19 +642,17 @@ def main(argv=None) -> int:
     total_s = time.perf_counter() - wall0
 
     rows = aggregate(results, args.seeds, args.steps)
+    for row in rows:
+        row["lr"] = args.method_lr.get(row["method"], args.lr)
+        row["options"] = args.method_options.get(row["method"], {})
     meta = {"task": "fortunes categories" if args.data is None else str(args.data), "classes": task.label_names,
             "n_train": len(task.train_texts), "n_test": sum(len(b["labels"]) for b in task.test_batches),
-            "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length,
-            "seeds": args.seeds, "targets": len(task.targets), "target_params": task.dense_target_params,
-            "dense_step_s": step_s, "total_wall_s": total_s, "quick": args.quick,
-            "sequential_split": "steps // 2 before compression, the rest after"}
-    utils.write_results(args.out, rows, meta=meta)
-    plot(rows, args.plot or args.out.with_suffix(".png"),
-         f"MiniLM + linear head, {len(task.label_names)} fortune categories, {args.steps} steps, "
-         f"seeds {' '.join(map(str, args.seeds))}")
-    print()
-    print(utils.format_table(rows, ["method", "budget", "seeds_str", "acc_mean", "acc_std", "params_kept_fraction",
-                                    "wall_s_mean", "status", "note"], floatfmt=".3f"))
+            "eval_split": args.eval_split, "steps": args.steps, "lr": args.lr, "method_lr": args.method_lr,
+            "method_options": args.method_options, "batch_size": args.batch_size, "max_length": args.max_length,
+            "device": str(args.device), "seeds": args.seeds, "targets": len(task.targets),
+            "target_params": task.dense_target_params, "dense_step_s": step_s, "total_wall_s": total_s,
+            "quick": args.quick, "sequential_split": "steps // 2 before compression, the rest after"}
+    report(rows, meta, args)
     print(f"\ntotal {total_s / 60:.1f} min; wrote {args.out}")
     if args.save_dir is not None:
         if best is None:

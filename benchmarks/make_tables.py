@@ -41,12 +41,16 @@ LAYOUTS = {
         ("rel_err_max", "layer err max", ".3f"), ("cos_mean", "cos mean", ".3f"), ("cos_min", "cos min", ".3f"),
         ("t_dense_ms", "dense (ms)", ".1f"), ("t_lowrank_ms", "compressed (ms)", ".1f"),
         ("speed_ratio", "time ratio", ".3f"), ("speed_ratio_min", "ratio of minima", ".3f")]),
-    "quality_cpu": ("Quality: MiniLM fine-tuned on fortune categories, test accuracy at a budget of the encoder "
-                    "linears (dense FT, fine-tune -> compress -> fine-tune, joint methods; same total steps)", [
+    "quality_selection": ("Quality, phase A: every candidate (method, lr, options) at the sweep budget, seed 0, "
+                          "accuracy on a validation split carved out of the training texts", [
+        ("method", "method", ""), ("lr", "lr", "g"), ("options", "options", ""), ("val_acc", "val accuracy", ".3f")]),
+    "quality": ("Quality: MiniLM fine-tuned on fortune categories, test accuracy at a budget of the encoder "
+                "linears (dense FT, fine-tune -> compress -> fine-tune, joint methods; same total steps)", [
         ("method", "method", ""), ("budget", "budget", ".2f"), ("seeds_str", "seeds", ""),
         (("acc_mean", "acc_std"), "accuracy (mean ± std)", ".3f"),
-        ("params_kept_fraction", "kept params (linears)", ".3f"), ("wall_s_mean", "wall time (s)", ".1f"),
-        ("status", "status", ""), ("note", "note", "")]),
+        ("params_kept_fraction", "kept params (linears)", ".3f"), ("lr", "lr", "g"), ("options", "options", ""),
+        ("wall_s_mean", "wall time (s)", ".1f"), ("device", "device", ""), ("status", "status", ""),
+        ("note", "note", "")]),
     "compress_factorizations": ("One-shot factorisations at equal rank (half of each layer's parameters): relative "
                                 "output error on held-back MiniLM activations, mean per layer kind", [
         ("layer_kind", "layer kind", ""), ("layers", "layers", "d"), ("rank", "rank", ""),
@@ -67,6 +71,8 @@ LAYOUTS = {
 def _cell(value, fmt: str) -> str:
     if value is None:
         return "–"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "–"
     if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             return format(value, fmt)
