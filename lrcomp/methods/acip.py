@@ -37,7 +37,6 @@ from lrcomp.compression.factorizations import factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods.base import JointMethod
 
-
 ACIP_BASES = ("svd", "svd_llm")
 
 
