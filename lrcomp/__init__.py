@@ -1,5 +1,6 @@
 """lrcomp: fine-tune a foundation model and compress it, in one run, into a low-rank model."""
 
+from lrcomp import integrations  # noqa: F401  (registers the Hugging Face quantizer "lrcomp", lazily)
 from lrcomp._ext import has_cuda_ext
 from lrcomp.backend import get_backend, set_backend
 from lrcomp.calib import CalibrationStats, calibrate

@@ -6,6 +6,11 @@
 
 from __future__ import annotations
 
+try:  # registers quant_method "lrcomp" with transformers, lazily (see lrcomp.integrations.hf); cheap without it
+    from lrcomp.integrations import hf  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
 __all__ = ["LowRankCallback", "LowRankTrainer", "make_trainer"]
 
 
