@@ -70,6 +70,9 @@ SEQUENTIAL = {"seq_svd": "svd", "seq_svd_llm": "svd_llm"}
 JOINT_DEFAULT = ("acip", "pc_lora", "tunecomp", "jactus", "lpaf")
 # Methods where one run at the smallest budget gives every budget (comp.materialize).
 ONE_RUN_ALL_BUDGETS = ("acip",)
+# Bench-only names of a joint method run differently: ACIP trained to each budget separately (the
+# comparison at equal training per budget), beside "acip" (one run, every budget materialised from it).
+ALIASES = {"acip_per_budget": "acip"}
 # Learning rates chosen per method on a validation split (benchmarks/quality_sweep.py phase A, 200 steps,
 # budget 0.5, seed 0, among 1e-4 / 5e-4 / 2e-3: benchmarks/results/quality_gpu_selection.json); a method
 # not listed uses --lr. --method-lr overrides them.
@@ -264,8 +267,19 @@ def joint_methods() -> tuple[str, ...]:
     return tuple(getattr(methods, "JOINT_METHODS", JOINT_DEFAULT)) if methods is not None else JOINT_DEFAULT
 
 
-def _make_compressor(model, method: str, budget: float, task: Task, seed: int):
+def method_lr(args, name: str) -> float:
+    """The learning rate of bench method ``name``: its own, else its base method's (aliases), else ``--lr``."""
+    return args.method_lr.get(name, args.method_lr.get(ALIASES.get(name, name), args.lr))
+
+
+def method_options(args, name: str) -> dict:
+    """The CompressionConfig.method_options of bench method ``name`` (aliases fall back to their base method)."""
+    return dict(args.method_options.get(name, args.method_options.get(ALIASES.get(name, name), {})))
+
+
+def _make_compressor(model, name: str, budget: float, task: Task, seed: int):
     """``lrcomp.Compressor`` for a joint method, or SkipMethod when the framework or the method is missing."""
+    method = ALIASES.get(name, name)
     if not hasattr(lrcomp, "Compressor"):
         raise SkipMethod("lrcomp.Compressor does not exist yet")
     names = getattr(getattr(lrcomp, "methods", None), "JOINT_METHODS", None)
@@ -276,7 +290,7 @@ def _make_compressor(model, method: str, budget: float, task: Task, seed: int):
     # that distil keep their feature distillation to the pretrained representations.
     config = lrcomp.CompressionConfig(method=method, budget=budget, total_steps=task.args.steps,
                                       exclude_modules=EXCLUDE, distill_weight=0.0,
-                                      method_options=dict(task.args.method_options.get(method, {})))
+                                      method_options=method_options(task.args, name))
     calib = [b for _, b in zip(range(task.args.calib_batches), task.batches(seed + 10_000), strict=False)]
     return lrcomp.Compressor(model, config, calib_data=calib, loss_fn=classification_loss, teacher=None)
 
@@ -289,7 +303,7 @@ def run_method(name: str, budget: float | None, seed: int, task: Task,
     single run (at ``budget``, the smallest). Raises :class:`SkipMethod` when the method cannot run.
     """
     args = task.args
-    lr = args.method_lr.get(name, args.lr)
+    lr = method_lr(args, name)
     t0 = time.perf_counter()
     batches = task.batches(seed)
     model = task.fresh_model(seed)
@@ -307,9 +321,9 @@ def run_method(name: str, budget: float | None, seed: int, task: Task,
         return [{"budget": budget, "acc": accuracy(model, task.test_batches),
                  "kept": target_params(model, task.targets) / task.dense_target_params,
                  "wall_s": time.perf_counter() - t0, "model": model}]
-    if name not in joint_methods():
+    if ALIASES.get(name, name) not in joint_methods():
         raise ValueError(f"unknown method {name!r}; known: dense, {', '.join(SEQUENTIAL)}, "
-                         f"{', '.join(joint_methods())}")
+                         f"{', '.join(joint_methods())}, {', '.join(ALIASES)}")
     comp = _make_compressor(model, name, budget, task, seed)
     params = list(comp.parameters())
 
@@ -377,20 +391,28 @@ def _probe_step_time(task: Task, steps: int = 3) -> float:
 
 
 def save_best(best: dict, task: Task, directory: Path) -> None:
-    from safetensors.torch import save_model
+    """The encoder as a Hugging Face checkpoint (``AutoModel.from_pretrained(directory / "encoder")`` after
+    ``import lrcomp``), the head as ``head.safetensors`` and what the run was in ``ranks.json``."""
+    from safetensors.torch import save_file
+
+    from lrcomp.atomic import write_json
+    from lrcomp.integrations.hf import mark_lowrank
 
     directory.mkdir(parents=True, exist_ok=True)
-    model = best["model"]
-    save_model(model, str(directory / "model.safetensors"))
+    model = best["model"].to("cpu")
+    encoder = mark_lowrank(model.encoder) if any(isinstance(m, LowRankLinear) for m in model.modules()) \
+        else model.encoder
+    encoder.save_pretrained(directory / "encoder")
+    task.tokenizer.save_pretrained(directory / "encoder")
+    head = {k: v.contiguous() for k, v in model.classifier.state_dict().items()}
+    save_file(head, str(directory / "head.safetensors"))
     meta = {"method": best["method"], "budget": best["budget"], "seed": best["seed"], "acc": best["acc"],
             "params_kept_fraction": best["kept"], "labels": task.label_names,
             "base_model": task.args.model or "all-MiniLM-L6-v2", "max_length": task.args.max_length,
-            "ranks": layer_ranks(model, task.targets)}
-    tmp = directory / ".ranks.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / "ranks.json")
+            "pooling": "mean over the attention mask", "ranks": layer_ranks(model, task.targets)}
+    write_json(directory / "ranks.json", meta)
     print(f"saved {best['method']} (budget {best['budget']}, seed {best['seed']}, acc {best['acc']:.3f}) "
-          f"to {directory}")
+          f"to {directory}: encoder/ (AutoModel.from_pretrained after import lrcomp), head.safetensors, ranks.json")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -481,7 +503,7 @@ def merge(args) -> int:
     steps = {r["steps"] for r in records}
     if len(steps) != 1:
         raise SystemExit(f"--merge: the files mix runs of {sorted(steps)} steps")
-    known = ["dense", *SEQUENTIAL, *joint_methods()]
+    known = ["dense", *SEQUENTIAL, *joint_methods(), *ALIASES]
     rank = {m: i for i, m in enumerate(known)}
 
     def order(item):  # dense, the baselines, the joint methods, anything else; budgets large to small
@@ -573,8 +595,9 @@ def main(argv=None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.test_fraction < 1:
         parser.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    known = ["dense", *SEQUENTIAL, *joint_methods()]
-    methods = args.methods or known
+    known = ["dense", *SEQUENTIAL, *joint_methods(), *ALIASES]
+    # by default every method; ACIP per budget only when there is more than one budget (else it is "acip")
+    methods = args.methods or [m for m in known if m not in ALIASES or len(set(args.budgets)) > 1]
     unknown = [m for m in methods if m not in known]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; known: {known}")
@@ -587,7 +610,7 @@ def main(argv=None) -> int:
           f"({task.dense_target_params:,} params); {torch.get_num_threads()} threads")
     runs = plan(methods, budgets)
     step_s = _probe_step_time(task)
-    cost = sum(JOINT_STEP_COST if m in joint_methods() else 1.0 for m, _, _ in runs)
+    cost = sum(JOINT_STEP_COST if ALIASES.get(m, m) in joint_methods() else 1.0 for m, _, _ in runs)
     estimate = cost * args.steps * step_s * len(args.seeds)
     print(f"{len(runs) * len(args.seeds)} runs of {args.steps} steps (batch {args.batch_size}, {args.max_length} "
           f"tokens); dense step {step_s:.2f} s -> estimated {estimate / 60:.1f} min "
@@ -595,8 +618,8 @@ def main(argv=None) -> int:
 
     def log_run(record: dict) -> None:
         if args.runs_jsonl is not None:
-            record = {**record, "lr": args.method_lr.get(record["method"], args.lr),
-                      "options": args.method_options.get(record["method"], {}), "eval_split": args.eval_split,
+            record = {**record, "lr": method_lr(args, record["method"]),
+                      "options": method_options(args, record["method"]), "eval_split": args.eval_split,
                       "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
                       "device": str(args.device), "classes": task.label_names, "n_train": len(task.train_texts),
                       "n_eval": sum(len(b["labels"]) for b in task.test_batches), "dense_step_s": step_s}
@@ -643,8 +666,8 @@ def main(argv=None) -> int:
 
     rows = aggregate(results, args.seeds, args.steps)
     for row in rows:
-        row["lr"] = args.method_lr.get(row["method"], args.lr)
-        row["options"] = args.method_options.get(row["method"], {})
+        row["lr"] = method_lr(args, row["method"])
+        row["options"] = method_options(args, row["method"])
     meta = {"task": "fortunes categories" if args.data is None else str(args.data), "classes": task.label_names,
             "n_train": len(task.train_texts), "n_test": sum(len(b["labels"]) for b in task.test_batches),
             "eval_split": args.eval_split, "steps": args.steps, "lr": args.lr, "method_lr": args.method_lr,

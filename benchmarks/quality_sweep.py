@@ -31,7 +31,7 @@ import utils  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE / "bench_quality.py"
-METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "pc_lora", "tunecomp", "jactus", "lpaf"]
+METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "acip_per_budget", "pc_lora", "tunecomp", "jactus", "lpaf"]
 # Method options tried besides the defaults (phase A picks among them on the validation split).
 EXTRA_OPTIONS = {"lpaf": [{"prune_score": "first_order"}]}
 
