@@ -1,0 +1,1113 @@
+"""The ``lrcomp`` command line: compress, export, evaluate, benchmark, serve and plot, without writing Python.
+
+Subcommands (``lrcomp COMMAND --help`` for each one's options)::
+
+    lrcomp compress MODEL --out DIR      one-shot low-rank compression of a local Hugging Face model folder
+    lrcomp export DIR --out DIR2         re-save an lrcomp checkpoint as an ordinary dense one (or as is)
+    lrcomp eval DIR [--ppl FILE] [--compare REF] [--tasks T1,T2]
+                                         perplexity, embedding cosine to a reference, lm-eval tasks
+    lrcomp bench DIR --reference REF     parameters and median forward time against a reference model
+    lrcomp serve DIR                     a small JSON-over-HTTP server: /health, /embed, /generate
+    lrcomp report RESULTS_JSON --out PNG accuracy vs kept parameters from a benchmarks/results/quality*.json
+
+Exit codes: 0 success; 1 runtime failure (one line ``lrcomp: error: ...`` on stderr, the traceback only with
+``--debug``); 2 usage error (argparse's own, and bad option values found after loading, e.g. ``--window``
+longer than the model's positions); 3 an input that does not exist (model folder, data or text file,
+results file). ``python -m lrcomp`` is the same command.
+
+Everything runs offline: models load with ``local_files_only=True``. ``--device auto`` means CUDA when
+available, else the CPU. Progress bars (tqdm) and status lines go to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrcomp.compression.config import JOINT_METHODS, ONE_SHOT_METHODS
+
+PROG = "lrcomp"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
+REPORT_NAME = "lrcomp_report.json"
+# Methods whose required statistics need a loss (gradients): a causal LM gives one from its calibration text.
+_GRADIENT_METHODS = ("fwsvd",)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+EXIT_CODES_HELP = """exit codes:
+  0  success
+  1  runtime failure: one line "lrcomp: error: ..." on stderr (the traceback with --debug)
+  2  usage error: a missing or bad argument (the message names it)
+  3  an input does not exist: model folder, data file, text file, results file"""
+
+
+# ---------------------------------------------------------------------------------------------- errors
+class CLIError(Exception):
+    """A failure reported as one line ``lrcomp: error: <message>``; ``code`` is the exit status."""
+
+    code = EXIT_FAILURE
+
+
+class InputNotFound(CLIError):
+    """A named input (model folder, file) does not exist: exit 3."""
+
+    code = EXIT_NOT_FOUND
+
+
+class UsageError(CLIError):
+    """A bad option value found after parsing (it depends on the model or the files): exit 2."""
+
+    code = EXIT_USAGE
+
+
+def _log(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# ---------------------------------------------------------------------------------------------- argument types
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] of the targeted layers' parameters, "
+                                         f"got {text}")
+    return value
+
+
+def _method(text: str) -> str:
+    if text in JOINT_METHODS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a joint fine-tune-and-compress method: it compresses while it trains, so it needs a "
+            f"training loop with task data, which the one-shot `lrcomp compress` does not run. Use "
+            f"lrcomp.Compressor in your own loop, lrcomp.integrations.make_trainer with transformers.Trainer, or "
+            f"benchmarks/bench_quality.py; one-shot methods here: {', '.join(ONE_SHOT_METHODS)}")
+    if text not in ONE_SHOT_METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; one-shot methods: {', '.join(ONE_SHOT_METHODS)} "
+                                         f"(joint methods, which need training: {', '.join(JOINT_METHODS)})")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _task_list(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise argparse.ArgumentTypeError(f"expected comma-separated task names, got {text!r}")
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _model_dir(path: str, argname: str) -> Path:
+    """``path`` as a Hugging Face model folder (a directory with config.json), else :class:`InputNotFound`."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise InputNotFound(f"{argname} {path!r} is not a directory (a local Hugging Face model folder is "
+                            f"expected; nothing is downloaded)")
+    if not (folder / "config.json").is_file():
+        raise InputNotFound(f"{argname} {path!r} holds no config.json: not a Hugging Face model folder")
+    return folder
+
+
+def _input_file(path: str, argname: str) -> Path:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputNotFound(f"{argname} {path!r} does not exist or is not a file")
+    return file
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _check_out_dir(out: str, inputs: Sequence[Path], overwrite: bool) -> Path:
+    """The ``--out`` folder, checked before any work: not an input, empty or absent unless ``--overwrite``."""
+    path = Path(out).expanduser()
+    for source in inputs:
+        if path.resolve() == source.resolve():
+            raise UsageError(f"--out {out!r} is the input folder: write to another folder")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out!r} is not empty: pass --overwrite to replace it")
+    return path
+
+
+@contextlib.contextmanager
+def _staged_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (renamed), on error it is removed.
+
+    A crash never leaves a half-written checkpoint under the final name."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_texts(source: str | None, limit: int | None, seed: int | None, argname: str = "--data") -> list[str]:
+    """Texts from ``source`` (None: the Debian fortunes) via :func:`lrcomp.data.load_texts`, every non-empty one."""
+    from lrcomp.data import load_texts
+
+    if source is not None:
+        path = Path(source).expanduser()
+        looks_like_path = path.suffix.lower() in (".txt", ".csv", ".tsv", ".jsonl", ".ndjson") \
+            or source.startswith((".", "/", "~")) or os.sep in source and not path.parent.exists()
+        if looks_like_path and not path.exists():
+            raise InputNotFound(f"{argname} {source!r} does not exist")
+    try:
+        return load_texts(source, limit=limit, seed=seed, min_chars=1, max_chars=None)
+    except FileNotFoundError as err:
+        raise InputNotFound(f"{argname}: {_one_line(err)}") from err
+    except (ValueError, ImportError) as err:
+        raise CLIError(f"{argname}: {_one_line(err)}") from err
+
+
+# ---------------------------------------------------------------------------------------------- models
+def _transformers():
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - transformers is a dependency of the CLI
+        raise CLIError("the lrcomp command needs transformers >= 5: pip install 'lrcomp[hf]'") from err
+    global _SAVED_VERBOSITY
+    if not os.environ.get("TRANSFORMERS_VERBOSITY") and _SAVED_VERBOSITY is None:
+        _SAVED_VERBOSITY = transformers.logging.get_verbosity()  # main() puts it back
+        transformers.logging.set_verbosity_error()  # load reports and advice would drown the output
+    return transformers
+
+
+_SAVED_VERBOSITY: int | None = None
+
+
+def _restore_verbosity() -> None:
+    global _SAVED_VERBOSITY
+    if _SAVED_VERBOSITY is not None:
+        import transformers
+
+        transformers.logging.set_verbosity(_SAVED_VERBOSITY)
+        _SAVED_VERBOSITY = None
+
+
+def _architectures(folder: Path) -> list[str]:
+    with open(folder / "config.json", encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise CLIError(f"{folder / 'config.json'} is not valid JSON: {err}") from err
+    return list(config.get("architectures") or [])
+
+
+def _is_causal_architecture(name: str) -> bool:
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def _auto_class(name: str | None, folder: Path):
+    """The transformers Auto class to load ``folder`` with: ``name`` if given, else AutoModelForCausalLM when
+    ``config.architectures`` names a causal LM, else AutoModel."""
+    transformers = _transformers()
+    if name is None:
+        causal = any(_is_causal_architecture(a) for a in _architectures(folder))
+        name = "AutoModelForCausalLM" if causal else "AutoModel"
+    cls = getattr(transformers, name, None) if name.startswith("AutoModel") else None
+    if cls is None:
+        raise UsageError(f"--auto-class {name!r} is not a transformers Auto model class (AutoModel, "
+                         f"AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForMaskedLM, ...)")
+    return cls
+
+
+def _load_model(folder: Path, auto_class, dtype: str, device: torch.device) -> nn.Module:
+    """``auto_class.from_pretrained(folder)`` offline, in eval mode on ``device`` (lrcomp checkpoints too)."""
+    import lrcomp  # noqa: F401  (registers quant_method "lrcomp": low-rank checkpoints load as such)
+
+    torch_dtype = "auto" if dtype == "auto" else _DTYPES[dtype]
+    try:
+        model = auto_class.from_pretrained(str(folder), local_files_only=True, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise CLIError(f"could not load {str(folder)!r} with {auto_class.__name__}: {_one_line(err)}") from err
+    return model.to(device).eval()
+
+
+def _load_tokenizer(folder: Path, *, required: bool = True, pad: bool = False):
+    """The tokenizer saved in ``folder`` (None if absent and not ``required``); ``pad=True`` gives it a pad
+    token (eos, else unk) when it has none, for padded batches."""
+    transformers = _transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if not required:
+            return None
+        raise CLIError(f"no tokenizer in {str(folder)!r} ({_one_line(err)[:200]}): save one there with "
+                       f"tokenizer.save_pretrained") from err
+    if pad and tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise CLIError(f"the tokenizer of {str(folder)!r} has no pad, eos or unk token to pad batches with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def _is_causal_model(model: nn.Module) -> bool:
+    return _is_causal_architecture(type(model).__name__)
+
+
+def _lowrank_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from lrcomp.layers import LowRankLinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _deployed_params(model: nn.Module) -> int:
+    """Parameters of ``model`` as deployed: every parameter once (tied ones once), each LowRankLinear counted
+    as ``rank (K + N)`` + bias (:meth:`LowRankLinear.num_parameters`, S folded into a factor)."""
+    seen: set[int] = set()
+    total = 0
+    for layer in _lowrank_layers(model).values():
+        total += layer.num_parameters(compact=True)
+        seen |= {id(p) for p in layer.parameters()}
+    return total + sum(p.numel() for p in model.parameters() if id(p) not in seen)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- compress
+def _calibration_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, causal: bool) -> list[dict]:
+    """Padded batches ``{"input_ids" [B, T], "attention_mask" [B, T], ...}`` (T <= max_length); causal LMs also
+    get ``"labels" [B, T]`` (the input ids, -100 on padding) so that their forward returns the LM loss."""
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        batch = dict(tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                               max_length=max_length, return_tensors="pt"))
+        if causal:
+            batch.pop("token_type_ids", None)
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        batches.append(batch)
+    return batches
+
+
+def _target_spec(names: list[str] | None, regex: str | None, default: str | None):
+    """``--target-modules`` / ``--exclude-modules`` (names, suffix match) or the ``--*-regex`` form."""
+    if regex is not None:
+        return regex
+    if names is None:
+        return default
+    if names == ["all-linear"]:
+        return "all-linear"
+    return [n for item in names for n in item.split(",") if n]
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """``lrcomp compress``: load, calibrate, compress one-shot, print the summary, save checkpoint + report."""
+    import lrcomp
+    from lrcomp.integrations.hf import mark_lowrank
+    from lrcomp.replace import find_target_linears
+
+    folder = _model_dir(args.model, "MODEL")
+    out = _check_out_dir(args.out, [folder], args.overwrite)
+    device = _device(args.device)
+    target = _target_spec(args.target_modules, args.target_regex, "all-linear")
+    exclude = _target_spec(args.exclude_modules, args.exclude_regex, None)
+    auto_class = _auto_class(args.auto_class, folder)
+    texts = _load_texts(args.data, args.calib_samples, args.seed)
+    tokenizer = _load_tokenizer(folder, pad=True)
+
+    started = time.perf_counter()
+    _log(f"loading {folder} with {auto_class.__name__}")
+    model = _load_model(folder, auto_class, args.dtype, device)
+    if _lowrank_layers(model):
+        raise UsageError(f"MODEL {args.model!r} is already an lrcomp low-rank checkpoint: compress the dense "
+                         f"model it came from (or `lrcomp export --format dense` it first)")
+    causal = _is_causal_model(model)
+    needs_loss = args.method in _GRADIENT_METHODS or args.sensitivity
+    if needs_loss and not causal:
+        what = f"--method {args.method}" if args.method in _GRADIENT_METHODS else "--sensitivity"
+        raise UsageError(f"{what} needs gradient statistics, hence a loss on the calibration text: MODEL loads as "
+                         f"{type(model).__name__}, which has none (load a causal LM with --auto-class "
+                         f"AutoModelForCausalLM, or use a method without gradients, e.g. svd_llm)")
+    try:
+        config = lrcomp.CompressionConfig(
+            method=args.method, budget=args.budget, cost=args.cost, allocation=args.allocation,
+            target_modules=target, exclude_modules=exclude, min_rank=args.min_rank, sensitivity=args.sensitivity,
+            # causal LMs: their LM loss gives the statistics a method uses when it can (Fisher, gradient covariance)
+            loss_fn=(lambda outputs, batch: outputs.loss) if causal else None)
+    except (ValueError, TypeError) as err:
+        raise UsageError(_one_line(err)) from err
+    try:
+        targets = find_target_linears(model, target, exclude, required=True)
+    except ValueError as err:
+        raise UsageError(f"--target-modules / --exclude-modules: {_one_line(err)}") from err
+    shapes = {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features,
+                     model.get_submodule(name).bias is not None) for name in targets}
+    params_before = _deployed_params(model)
+    batches = _calibration_batches(tokenizer, texts, args.batch_size, args.max_length, causal)
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    _log(f"{len(targets)} target layers; calibrating on {len(texts)} texts ({tokens} tokens, {len(batches)} "
+         f"batches), then {args.method} at budget {args.budget:g} ({args.allocation}, {args.cost})")
+    lrcomp.compress(model, config, batches)
+    print(f"{type(model).__name__} from {folder}: {args.method}, budget {args.budget:g} of the targeted layers' "
+          f"{args.cost} ({args.allocation} allocation)")
+    lrcomp.summary(model)
+
+    layers, ranks, kept_dense = {}, {}, []
+    weights_before = weights_after = 0
+    lowrank = _lowrank_layers(model)
+    for name, (K, N, bias) in shapes.items():
+        rank = lowrank[name].active_rank if name in lowrank else None
+        after = K * N if rank is None else rank * (K + N)
+        weights_before += K * N
+        weights_after += after
+        layers[name] = {"in_features": K, "out_features": N, "bias": bias, "rank": rank,
+                        "weights_before": K * N, "weights_after": after}
+        if rank is None:
+            kept_dense.append(name)
+        else:
+            ranks[name] = rank
+    params_after = _deployed_params(model)
+    lowrank_before = sum(shapes[n][0] * shapes[n][1] + shapes[n][1] * shapes[n][2] for n in lowrank)
+    lowrank_after = sum(m.num_parameters(compact=True) for m in lowrank.values())
+    print(f"targeted weights: {weights_before:,} -> {weights_after:,} ({weights_after / weights_before:.4f}, budget "
+          f"{args.budget:g}); model parameters: {params_before:,} -> {params_after:,} "
+          f"({params_after / params_before:.4f}); {len(ranks)} low-rank layers, {len(kept_dense)} kept dense")
+
+    report = {
+        "lrcomp_version": lrcomp.__version__, "source_model": str(folder.resolve()),
+        "architecture": type(model).__name__, "auto_class": auto_class.__name__,
+        "method": args.method, "budget": args.budget, "cost": args.cost, "allocation": args.allocation,
+        "sensitivity": args.sensitivity, "min_rank": args.min_rank, "target_modules": target,
+        "exclude_modules": exclude,
+        "calibration": {"data": args.data if args.data is not None else "fortunes (Debian)", "texts": len(texts),
+                        "tokens": tokens, "max_length": args.max_length, "batch_size": args.batch_size,
+                        "seed": args.seed, "loss": "causal LM loss" if causal else None},
+        "params": {
+            # what the budget counts (cost params): weight entries of the targeted layers, biases excluded
+            "targeted_weights_before": weights_before, "targeted_weights_after": weights_after,
+            "targeted_weights_kept_fraction": weights_after / weights_before,
+            # what lrcomp.summary reports: the low-rank layers, biases included
+            "lowrank_layers_before": lowrank_before, "lowrank_layers_after": lowrank_after,
+            # the whole model, each low-rank layer as rank (K + N) + bias
+            "model_before": params_before, "model_after": params_after,
+            "model_kept_fraction": params_after / params_before,
+        },
+        "ranks": ranks, "kept_dense": kept_dense, "layers": layers,
+        "device": str(device), "wall_s": None,
+    }
+    with _staged_dir(out) as tmp:
+        if ranks:
+            mark_lowrank(model)
+        else:
+            _log("every targeted layer stays dense at this budget: writing an ordinary checkpoint")
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        report["wall_s"] = round(time.perf_counter() - started, 3)
+        _write_json(tmp / REPORT_NAME, report)
+    print(f"saved to {out} (load it with transformers' {auto_class.__name__}.from_pretrained after `import lrcomp`; "
+          f"report: {out / REPORT_NAME})")
+    return EXIT_OK
+
+
+def _write_json(path: str | os.PathLike, payload: dict) -> None:
+    from lrcomp.atomic import write_json
+
+    write_json(path, payload, default=str)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    """``lrcomp export``: an lrcomp checkpoint as an ordinary dense checkpoint, or re-saved as is."""
+    from lrcomp.integrations.hf import to_dense
+
+    folder = _model_dir(args.dir, "DIR")
+    out = _check_out_dir(args.out, [folder], args.overwrite)
+    auto_class = _auto_class(args.auto_class, folder)
+    model = _load_model(folder, auto_class, args.dtype, torch.device("cpu"))
+    tokenizer = _load_tokenizer(folder, required=False)
+    n_lowrank = len(_lowrank_layers(model))
+    if args.format == "lrcomp" and not n_lowrank:
+        raise CLIError(f"DIR {args.dir!r} holds no low-rank layers (not an lrcomp checkpoint): nothing to export "
+                       f"with --format lrcomp")
+    with _staged_dir(out) as tmp:
+        if args.format == "dense":
+            to_dense(model)
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        else:
+            _log(f"no tokenizer in {folder}: exported the model only")
+        report = folder / REPORT_NAME
+        if args.format == "lrcomp" and report.is_file():
+            shutil.copyfile(report, tmp / REPORT_NAME)
+    if args.format == "dense":
+        print(f"exported {n_lowrank} low-rank layers as nn.Linear: an ordinary {type(model).__name__} checkpoint "
+              f"in {out} ({_deployed_params(model):,} parameters; loads without lrcomp)")
+    else:
+        print(f"re-saved the lrcomp checkpoint ({n_lowrank} low-rank layers) to {out}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- eval
+@torch.inference_mode()
+def perplexity(model: nn.Module, input_ids: Tensor, window: int, batch_size: int = 1,
+               progress: bool = True) -> dict:
+    """Perplexity of a causal LM on one token stream, in non-overlapping windows.
+
+    Args:
+        model: a causal LM: ``model(input_ids=[B, W]).logits`` is ``[B, W, V]``.
+        input_ids: ``[n]`` token ids, the whole text tokenized once.
+        window: tokens per window W; the ``n // W`` full windows are scored, the tail (``n mod W``
+            tokens) is dropped; each window is scored on its own (no context from the previous one).
+        batch_size: windows per forward.
+
+    Returns:
+        ``{"windows", "tokens", "predicted_tokens", "dropped_tokens", "nll_mean", "perplexity"}``:
+        ``nll_mean`` is the mean over all predicted tokens (``windows * (W - 1)``: every token of a window
+        but its first) of ``-log p(token | the window's tokens before it)``, summed in fp64;
+        ``perplexity = exp(nll_mean)``.
+    """
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be [n], got {list(input_ids.shape)}")
+    if window < 2:
+        raise ValueError(f"window must be >= 2 (one context token, one predicted), got {window}")
+    n_windows = input_ids.numel() // window
+    if n_windows == 0:
+        raise ValueError(f"the text has {input_ids.numel()} tokens, fewer than one window of {window}")
+    device = next(model.parameters()).device
+    windows = input_ids[: n_windows * window].view(n_windows, window)
+    total = torch.zeros((), dtype=torch.float64)
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", disable=not progress,
+                      file=sys.stderr):
+        batch = windows[start:start + batch_size].to(device)  # [b, W]
+        logits = model(input_ids=batch, use_cache=False).logits  # [b, W, V]
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        total += nll.double().cpu()
+    predicted = n_windows * (window - 1)
+    nll_mean = float(total) / predicted
+    return {"windows": n_windows, "tokens": int(input_ids.numel()), "predicted_tokens": predicted,
+            "dropped_tokens": int(input_ids.numel() - n_windows * window), "nll_mean": nll_mean,
+            "perplexity": math.exp(nll_mean)}
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _embed_all(model: nn.Module, tokenizer, texts: list[str], batch_size: int, max_length: int, desc: str) -> Tensor:
+    """:func:`lrcomp.models.embed` in chunks under a progress bar: ``[n, hidden]`` fp32 on the CPU, unit rows."""
+    from tqdm.auto import tqdm
+
+    from lrcomp.models import embed
+
+    chunk = batch_size * 4
+    out = [embed(model, tokenizer, texts[i:i + chunk], batch_size=batch_size, max_length=max_length).cpu()
+           for i in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", file=sys.stderr)]
+    return torch.cat(out)
+
+
+def _compare(args: argparse.Namespace, folder: Path, device: torch.device) -> dict:
+    """Mean-pooled embedding cosine of DIR vs ``--compare`` REF_DIR on ``--data`` texts."""
+    reference = _model_dir(args.compare, "--compare")
+    texts = _load_texts(args.data, args.limit, args.seed)
+    transformers = _transformers()
+    cls = transformers.AutoModel if args.auto_class is None else _auto_class(args.auto_class, folder)
+    embeddings = []
+    for path, what in ((folder, "DIR"), (reference, "REF_DIR")):
+        model = _load_model(path, cls, args.dtype, device)
+        tokenizer = _load_tokenizer(path, required=False, pad=True) or _load_tokenizer(
+            reference if path == folder else folder, pad=True)
+        base = getattr(model, "base_model", model)  # a model with a head: its base gives last_hidden_state
+        try:
+            embeddings.append(_embed_all(base, tokenizer, texts, args.batch_size, args.max_length, f"embed {what}"))
+        except AttributeError as err:
+            raise CLIError(f"--compare needs models that return last_hidden_state ({type(model).__name__}: "
+                           f"{_one_line(err)})") from err
+        del model
+    a, b = embeddings  # [n, H] each, unit rows
+    if a.shape != b.shape:
+        raise CLIError(f"DIR and --compare give embeddings of different shapes {list(a.shape)} and {list(b.shape)}")
+    cos = (a.double() * b.double()).sum(-1)  # [n]
+    return {"reference": str(reference), "data": args.data if args.data is not None else "fortunes (Debian)",
+            "texts": len(texts), "max_length": args.max_length, "cos_mean": float(cos.mean()),
+            "cos_min": float(cos.min()), "cos_std": float(cos.std()) if len(texts) > 1 else 0.0}
+
+
+def _lm_eval(args: argparse.Namespace, model: nn.Module, tokenizer) -> dict:
+    """Run ``--tasks`` through lm-eval's HFLM wrapper on the loaded model: lm-eval's ``results`` dict."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size,
+              max_length=_max_positions(model))
+    output = simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.task_limit)
+    return (output or {}).get("results", {})
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``lrcomp eval``: perplexity (``--ppl``), embedding cosine to a reference (``--compare``), lm-eval tasks."""
+    if args.ppl is None and args.compare is None and args.tasks is None:
+        raise UsageError("nothing to evaluate: give --ppl TEXTFILE, --compare REF_DIR and/or --tasks T1,T2")
+    if args.tasks is not None and importlib.util.find_spec("lm_eval") is None:
+        raise CLIError("--tasks runs lm-eval, which is not installed: pip install lm-eval")
+    folder = _model_dir(args.dir, "DIR")
+    text_file = _input_file(args.ppl, "--ppl") if args.ppl is not None else None
+    if args.compare is not None:
+        _model_dir(args.compare, "--compare")
+    device = _device(args.device)
+    results: dict = {"model": str(folder)}
+
+    if text_file is not None or args.tasks is not None:
+        auto_class = _auto_class(args.auto_class, folder)
+        model = _load_model(folder, auto_class, args.dtype, device)
+        tokenizer = _load_tokenizer(folder)
+        results["architecture"] = type(model).__name__
+        if text_file is not None:
+            if not _is_causal_model(model):
+                raise UsageError(f"--ppl needs a causal LM; DIR loads as {type(model).__name__} (config "
+                                 f"architectures: {_architectures(folder)}; choose the class with --auto-class)")
+            limit = _max_positions(model)
+            if limit is not None and args.window > limit:
+                raise UsageError(f"--window {args.window} is longer than the model's {limit} positions")
+            text = text_file.read_text(encoding="utf-8")
+            input_ids = torch.as_tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)  # [n]
+            if input_ids.numel() < args.window:
+                raise CLIError(f"--ppl {args.ppl!r} has {input_ids.numel()} tokens, fewer than one window of "
+                               f"--window {args.window}: use a longer text or a smaller window")
+            ppl = perplexity(model, input_ids, args.window, args.ppl_batch_size)
+            results["ppl"] = {"file": str(text_file), "window": args.window, **ppl}
+            print(f"perplexity {ppl['perplexity']:.4f} (mean NLL {ppl['nll_mean']:.5f} over "
+                  f"{ppl['predicted_tokens']:,} predicted tokens in {ppl['windows']} windows of {args.window}; "
+                  f"{ppl['dropped_tokens']} tail tokens dropped)")
+        if args.tasks is not None:
+            results["tasks"] = _lm_eval(args, model, tokenizer)
+            for task, metrics in results["tasks"].items():
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                print(f"{task}: {shown}")
+        del model
+    if args.compare is not None:
+        results["compare"] = _compare(args, folder, device)
+        c = results["compare"]
+        print(f"embedding cosine vs {c['reference']}: mean {c['cos_mean']:.6f}, min {c['cos_min']:.6f} "
+              f"({c['texts']} texts)")
+    if args.json is not None:
+        _write_json(args.json, results)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- bench
+@torch.inference_mode()
+def _time_forward(model: nn.Module, inputs: dict, device: torch.device) -> float:
+    """Seconds of one forward of ``model(**inputs)`` (inputs ``[B, T]`` tensors), synchronised on CUDA."""
+    _sync(device)
+    start = time.perf_counter()
+    model(**inputs)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``lrcomp bench``: parameters and median forward time of DIR vs ``--reference``, interleaved runs."""
+    from tqdm.auto import tqdm
+
+    folder = _model_dir(args.dir, "DIR")
+    reference = _model_dir(args.reference, "--reference")
+    device = _device(args.device)
+    models = {}
+    for name, path in (("compressed", folder), ("reference", reference)):
+        models[name] = _load_model(path, _auto_class(args.auto_class, path), args.dtype, device)
+    vocab = min(int(getattr(m.config, "vocab_size", 0) or 0) for m in models.values())
+    if vocab < 1:
+        raise CLIError("the models' configs hold no vocab_size: cannot build token inputs")
+    for name, model in models.items():
+        limit = _max_positions(model)
+        if limit is not None and args.seq_len > limit:
+            raise UsageError(f"--seq-len {args.seq_len} is longer than the {name} model's {limit} positions")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator)  # [B, T]
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    for model in models.values():
+        for _ in range(args.warmup):
+            _time_forward(model, inputs, device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in tqdm(range(args.repeats), desc="bench", unit="round", file=sys.stderr):
+        for name, model in models.items():  # interleaved: a load change on a shared machine hits both
+            times[name].append(_time_forward(model, inputs, device))
+    rows = []
+    ref_params = _deployed_params(models["reference"])
+    ref_ms = statistics.median(times["reference"]) * 1e3
+    for name, path in (("compressed", folder), ("reference", reference)):
+        model = models[name]
+        params = _deployed_params(model)
+        ms = statistics.median(times[name]) * 1e3
+        rows.append({"model": name, "path": str(path), "architecture": type(model).__name__,
+                     "lowrank_layers": len(_lowrank_layers(model)), "params": params,
+                     "params_fraction": params / ref_params, "median_ms": ms,
+                     "min_ms": min(times[name]) * 1e3, "time_ratio": ms / ref_ms})
+    header = ("model", "low-rank layers", "params", "params vs ref", "median ms", "min ms", "time vs ref")
+    cells = [header] + [(r["model"], str(r["lowrank_layers"]), f"{r['params']:,}", f"{r['params_fraction']:.3f}",
+                         f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['time_ratio']:.3f}") for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"forward of [{args.batch_size}, {args.seq_len}] tokens on {device}, median of {args.repeats} "
+          f"(after {args.warmup} warm-up), {torch.get_num_threads()} CPU threads")
+    for i, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths,
+                                                                                              strict=True))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    if args.json is not None:
+        _write_json(args.json, {"device": str(device), "batch_size": args.batch_size, "seq_len": args.seq_len,
+                                "repeats": args.repeats, "warmup": args.warmup,
+                                "cpu_threads": torch.get_num_threads(), "rows": rows})
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- serve
+def make_server(args: argparse.Namespace):
+    """The HTTP server of ``lrcomp serve`` (not started): a ``http.server.HTTPServer`` on (host, port).
+
+    Endpoints (JSON in, JSON out; one request at a time):
+
+    - ``GET /health``: ``{"status": "ok", "model", "architecture", "causal_lm", "lowrank_layers"}``
+    - ``POST /embed`` ``{"texts": [n strings]}``: ``{"embeddings": [n][H]}``, mean-pooled, unit norm
+      (:func:`lrcomp.models.embed` on the base model)
+    - ``POST /generate`` ``{"prompt": str, "max_new_tokens": int (32)}`` (causal LMs): greedy
+      ``{"text": continuation, "tokens": generated count}``
+    """
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from lrcomp.models import embed
+
+    folder = _model_dir(args.dir, "DIR")
+    device = _device(args.device)
+    model = _load_model(folder, _auto_class(args.auto_class, folder), args.dtype, device)
+    tokenizer = _load_tokenizer(folder, pad=True)
+    causal = _is_causal_model(model)
+    base = getattr(model, "base_model", model)
+    info = {"status": "ok", "model": str(folder), "architecture": type(model).__name__, "causal_lm": causal,
+            "lowrank_layers": len(_lowrank_layers(model))}
+    max_texts = args.max_batch
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = f"{PROG}/serve"
+
+        def log_message(self, fmt, *log_args):  # one line per request on stderr, unless --quiet
+            if not args.quiet:
+                sys.stderr.write(f"{PROG} serve: {self.address_string()} {fmt % log_args}\n")
+
+        def _send(self, status: int, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _body(self) -> dict:
+            length = int(self.headers.get("Content-Length") or 0)
+            payload = json.loads(self.rfile.read(length) or b"{}")
+            if not isinstance(payload, dict):
+                raise ValueError("the request body must be a JSON object")
+            return payload
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            if self.path.rstrip("/") == "/health":
+                self._send(200, info)
+            else:
+                self._send(404, {"error": f"unknown path {self.path!r}: GET /health, POST /embed, POST /generate"})
+
+        def do_POST(self):  # noqa: N802
+            try:
+                payload = self._body()
+                if self.path.rstrip("/") == "/embed":
+                    texts = payload.get("texts")
+                    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+                        raise ValueError('"texts" must be a non-empty list of strings')
+                    if len(texts) > max_texts:
+                        raise ValueError(f'at most {max_texts} texts per request (--max-batch)')
+                    vectors = embed(base, tokenizer, texts, max_length=args.max_length)  # [n, H]
+                    self._send(200, {"embeddings": vectors.cpu().tolist(), "dim": vectors.shape[1]})
+                elif self.path.rstrip("/") == "/generate":
+                    if not causal:
+                        raise ValueError(f"/generate needs a causal LM; this is a {type(model).__name__}")
+                    prompt, new = payload.get("prompt"), payload.get("max_new_tokens", 32)
+                    if not isinstance(prompt, str) or not prompt:
+                        raise ValueError('"prompt" must be a non-empty string')
+                    if isinstance(new, bool) or not isinstance(new, int) or not 1 <= new <= args.max_new_tokens:
+                        raise ValueError(f'"max_new_tokens" must be an int in [1, {args.max_new_tokens}]')
+                    enc = tokenizer(prompt, return_tensors="pt").to(device)  # input_ids [1, T]
+                    enc.pop("token_type_ids", None)
+                    with torch.inference_mode():
+                        out = model.generate(**enc, max_new_tokens=new, do_sample=False,
+                                             pad_token_id=tokenizer.pad_token_id)  # [1, T + new']
+                    generated = out[0, enc["input_ids"].shape[1]:]
+                    self._send(200, {"text": tokenizer.decode(generated, skip_special_tokens=True),
+                                     "tokens": int(generated.numel())})
+                else:
+                    self._send(404, {"error": f"unknown path {self.path!r}: POST /embed or /generate"})
+            except (ValueError, TypeError) as err:
+                self._send(400, {"error": _one_line(err)})
+            except Exception as err:  # keep serving; report the failure to the client
+                self._send(500, {"error": f"{type(err).__name__}: {_one_line(err)}"})
+
+    try:
+        server = HTTPServer((args.host, args.port), Handler)
+    except OSError as err:
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {err}") from err
+    server.lrcomp_info = info
+    return server
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``lrcomp serve``: serve DIR over HTTP until interrupted (Ctrl-C: exit 0)."""
+    server = make_server(args)
+    host, port = server.server_address[:2]
+    _log(f"serving {server.lrcomp_info['architecture']} from {args.dir} on http://{host}:{port} "
+         f"(GET /health, POST /embed" + (", POST /generate)" if server.lrcomp_info["causal_lm"] else ")"))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        _log("stopped")
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _quality_rows(path: Path) -> list[dict]:
+    """The plottable rows of a quality results file (``{"rows": [...]}`` or a bare list)."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CLIError(f"RESULTS_JSON {str(path)!r} is not valid JSON: {err}") from err
+    rows = payload.get("rows") if isinstance(payload, dict) else payload
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise CLIError(f"RESULTS_JSON {str(path)!r}: expected {{\"rows\": [...]}} or a list of row objects")
+    need = ("method", "params_kept_fraction", "acc_mean")
+    usable = [r for r in rows if r.get("status", "ok") == "ok" and r.get("acc_mean") is not None
+              and r.get("method") is not None
+              and (r.get("params_kept_fraction") is not None or r.get("budget") is None)]
+    if not usable:
+        raise CLIError(f"RESULTS_JSON {str(path)!r} has no rows with {', '.join(need)} (and status ok): not a "
+                       f"benchmarks/results/quality*.json file?")
+    return usable
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``lrcomp report``: accuracy vs kept fraction of the targeted parameters, one line per method."""
+    path = _input_file(args.results, "RESULTS_JSON")
+    rows = _quality_rows(path)
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise CLIError("report needs matplotlib: pip install matplotlib") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lrcomp.atomic import atomic_path
+
+    def is_dense(row: dict) -> bool:
+        return row.get("budget") is None
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in filter(is_dense, rows):
+        ax.axhline(row["acc_mean"], color="black", lw=1.2, label=f"{row['method']} ({row['acc_mean']:.3f})")
+        if row.get("acc_std"):
+            ax.axhspan(row["acc_mean"] - row["acc_std"], row["acc_mean"] + row["acc_std"], color="black", alpha=0.08)
+    markers = "osD^vP*Xh<>"
+    methods = list(dict.fromkeys(r["method"] for r in rows if not is_dense(r)))
+    for i, method in enumerate(methods):
+        points = sorted((r for r in rows if r["method"] == method and not is_dense(r)),
+                        key=lambda r: r["params_kept_fraction"])
+        ax.errorbar([r["params_kept_fraction"] for r in points], [r["acc_mean"] for r in points],
+                    yerr=[r.get("acc_std") or 0.0 for r in points], marker=markers[i % len(markers)], capsize=3,
+                    label=method)
+    ax.set_xlabel("kept fraction of the targeted parameters")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(args.title or path.name, fontsize=9)
+    fig.tight_layout()
+    out = Path(args.out).expanduser()
+    try:
+        with atomic_path(out) as tmp:  # a temporary file in the same folder, then os.replace
+            fig.savefig(tmp, dpi=args.dpi, format="png")
+    finally:
+        plt.close(fig)
+    print(f"{len(methods)} methods, {len(rows)} rows ({sum(map(is_dense, rows))} dense) -> {out}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- parser
+class _Formatter(argparse.HelpFormatter):
+    """Fills the description paragraph by paragraph (blank lines kept; a paragraph of several lines, such as
+    the exit codes, is kept as written) and shows the defaults other than None / False."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(par if "\n" in par else super(_Formatter, self)._fill_text(par, width, indent)
+                             for par in text.split("\n\n"))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _common(parser: argparse.ArgumentParser, *, device: bool = True, dtype: str | None = "auto",
+            auto_class: bool = True) -> None:
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on failure, print the full traceback")
+    if device:
+        parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1")
+    if dtype is not None:
+        parser.add_argument("--dtype", default=dtype, choices=(["auto"] if dtype == "auto" else []) + list(_DTYPES),
+                            help="parameter dtype to load with (auto: as saved)")
+    if auto_class:
+        parser.add_argument("--auto-class", default=None, metavar="CLASS",
+                            help="transformers Auto class to load with, e.g. AutoModel, AutoModelForCausalLM, "
+                                 "AutoModelForSequenceClassification (default: AutoModelForCausalLM if "
+                                 "config.architectures names a *ForCausalLM, else AutoModel)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lrcomp`` argument parser with its subcommands (``args.func`` runs the chosen one)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Low-rank compression of Hugging Face models: compress, export, evaluate, benchmark, serve, "
+                    "plot. Everything runs offline on local model folders.",
+        epilog=EXIT_CODES_HELP + "\n\nRun `lrcomp COMMAND --help` for a command's options.")
+    from lrcomp import __version__
+
+    parser.add_argument("--version", action="version", version=f"lrcomp {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on failure, print the full traceback")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # compress
+    p = sub.add_parser(
+        "compress", formatter_class=_Formatter, epilog=EXIT_CODES_HELP,
+        help="one-shot low-rank compression of a local Hugging Face model",
+        description="Load a local Hugging Face model folder, calibrate on --data texts (tokenized with the model's "
+                    "tokenizer), compress every targeted nn.Linear one-shot (lrcomp.compress), print the per-layer "
+                    "summary, and save an lrcomp checkpoint to --out (AutoModel*.from_pretrained reloads it after "
+                    "`import lrcomp`) with the tokenizer and lrcomp_report.json (method, budget, parameters before "
+                    "and after, ranks).\n\nThe budget counts the weight entries (or FLOPs) of the targeted layers: "
+                    "r (K + N) kept against K N; biases are not counted. Causal LMs calibrate with their LM loss "
+                    "too (gradient statistics for fwsvd, sparsity_aware, jactus_union, --sensitivity).\n\n"
+                    f"Joint methods ({', '.join(JOINT_METHODS)}) train while they compress: use lrcomp.Compressor, "
+                    "lrcomp.integrations.make_trainer or benchmarks/bench_quality.py for them.")
+    p.add_argument("model", metavar="MODEL", help="local Hugging Face model folder (config.json, weights, tokenizer)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be absent or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--method", type=_method, default="svd_llm",
+                   help=f"one-shot factorisation: {', '.join(ONE_SHOT_METHODS)}")
+    p.add_argument("--budget", type=_budget, default=0.5,
+                   help="fraction in (0, 1] of the targeted layers' parameters (or FLOPs) to keep")
+    p.add_argument("--cost", choices=("params", "flops"), default="params", help="what the budget counts")
+    p.add_argument("--allocation", choices=("global", "uniform"), default="global",
+                   help="global: one budget over all targets, ranks where they pay most; uniform: every layer "
+                        "keeps the budget of its own parameters")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="global allocation: weight each layer by its loss sensitivity (causal LMs only)")
+    p.add_argument("--min-rank", type=_positive_int, default=1, help="smallest rank the global allocator gives")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="calibration texts: a .txt (one per line), .csv/.jsonl (column text), a folder of fortune "
+                        "files or a Hugging Face dataset name (default: the Debian fortunes)")
+    p.add_argument("--calib-samples", type=_positive_int, default=128, help="calibration texts")
+    p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per calibration text (truncated)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="calibration texts per forward")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration text sample")
+    p.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                   help="layers to compress: all-linear (every nn.Linear but the output head; the default) or "
+                        "module names matched as suffixes, e.g. q_proj v_proj")
+    p.add_argument("--target-regex", default=None, metavar="REGEX",
+                   help="layers to compress: a regex fully matching module names (instead of --target-modules)")
+    p.add_argument("--exclude-modules", nargs="+", default=None, metavar="NAME",
+                   help="module names (suffix match) to leave alone")
+    p.add_argument("--exclude-regex", default=None, metavar="REGEX", help="a regex of module names to leave alone")
+    _common(p, dtype="float32")
+    p.set_defaults(func=cmd_compress)
+
+    # export
+    p = sub.add_parser(
+        "export", formatter_class=_Formatter, epilog=EXIT_CODES_HELP,
+        help="re-save an lrcomp checkpoint as an ordinary dense checkpoint (or as is)",
+        description="dense: load DIR (lrcomp registers its format), turn every LowRankLinear into nn.Linear "
+                    "(W = U diag(S) V, lrcomp.integrations.hf.to_dense) and save an ordinary checkpoint that any "
+                    "engine loads without lrcomp. lrcomp: load and re-save the low-rank checkpoint as is (e.g. "
+                    "with --dtype bfloat16). The tokenizer is copied in both cases.")
+    p.add_argument("dir", metavar="DIR", help="an lrcomp checkpoint folder (from `lrcomp compress`)")
+    p.add_argument("--out", required=True, metavar="DIR2", help="output folder (must be absent or empty)")
+    p.add_argument("--format", choices=("dense", "lrcomp"), default="dense", help="what to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _common(p, device=False)
+    p.set_defaults(func=cmd_export)
+
+    # eval
+    p = sub.add_parser(
+        "eval", formatter_class=_Formatter, epilog=EXIT_CODES_HELP,
+        help="perplexity, embedding cosine to a reference, lm-eval tasks",
+        description="--ppl FILE (causal LMs): the file's text as read, tokenized once (with the tokenizer's "
+                    "default special tokens), cut into non-overlapping windows of --window tokens; the tail shorter "
+                    "than a window is dropped (a text shorter than one window is an error). Each window is scored "
+                    "on its own; perplexity = exp(mean NLL over all predicted tokens, window-1 per window).\n\n"
+                    "--compare REF_DIR: mean cosine of the mean-pooled, L2-normalised last hidden states "
+                    "(lrcomp.models.embed) of DIR and REF_DIR on --data texts (both loaded with AutoModel).\n\n"
+                    "--tasks T1,T2: lm-eval tasks through its HFLM wrapper on the loaded model (needs "
+                    "`pip install lm-eval`).")
+    p.add_argument("dir", metavar="DIR", help="model folder (an lrcomp checkpoint or an ordinary one)")
+    p.add_argument("--ppl", default=None, metavar="TEXTFILE", help="text file for perplexity (causal LMs)")
+    p.add_argument("--window", type=_positive_int, default=2048, help="tokens per perplexity window")
+    p.add_argument("--ppl-batch-size", type=_positive_int, default=1, help="perplexity windows per forward")
+    p.add_argument("--compare", default=None, metavar="REF_DIR", help="reference model folder for the cosine")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="texts for --compare (.txt, .csv, .jsonl, fortune folder, dataset name; default fortunes)")
+    p.add_argument("--limit", type=_positive_int, default=256, help="texts for --compare")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --compare text sample")
+    p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per --compare text")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward (--compare, --tasks)")
+    p.add_argument("--tasks", type=_task_list, default=None, metavar="T1,T2",
+                   help="lm-eval task names, comma-separated (needs lm-eval)")
+    p.add_argument("--num-fewshot", type=_non_negative_int, default=None, help="lm-eval few-shot examples")
+    p.add_argument("--task-limit", type=_positive_int, default=None, help="lm-eval: examples per task")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    # bench
+    p = sub.add_parser(
+        "bench", formatter_class=_Formatter, epilog=EXIT_CODES_HELP,
+        help="parameters and median forward time vs a reference model",
+        description="Load DIR and --reference, run the same random token batch [--batch-size, --seq-len] through "
+                    "both (interleaved, after --warmup runs each) and print their parameters (low-rank layers as "
+                    "rank (K + N) + bias) and median forward times on this machine (CUDA if available).")
+    p.add_argument("dir", metavar="DIR", help="compressed model folder")
+    p.add_argument("--reference", required=True, metavar="REF_DIR", help="reference (dense) model folder")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence")
+    p.add_argument("--repeats", type=_positive_int, default=20, help="timed forwards per model")
+    p.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed forwards per model first")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_bench)
+
+    # serve
+    p = sub.add_parser(
+        "serve", formatter_class=_Formatter, epilog=EXIT_CODES_HELP,
+        help="serve a model over HTTP (JSON): /health, /embed, /generate",
+        description="A small single-process JSON server for trying a model out (one request at a time; not a "
+                    "production server). GET /health; POST /embed {\"texts\": [...]} -> {\"embeddings\": [[...]]} "
+                    "(mean-pooled, unit norm); POST /generate {\"prompt\": \"...\", \"max_new_tokens\": 32} -> "
+                    "{\"text\": ...} (causal LMs, greedy). Ctrl-C stops it.")
+    p.add_argument("dir", metavar="DIR", help="model folder (an lrcomp checkpoint or an ordinary one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=_non_negative_int, default=8000, help="port (0: any free port)")
+    p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per /embed text")
+    p.add_argument("--max-batch", type=_positive_int, default=64, help="texts per /embed request")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="largest max_new_tokens of /generate")
+    p.add_argument("--quiet", action="store_true", help="no log line per request")
+    _common(p)
+    p.set_defaults(func=cmd_serve)
+
+    # report
+    p = sub.add_parser(
+        "report", formatter_class=_Formatter, epilog=EXIT_CODES_HELP,
+        help="plot accuracy vs kept parameters from a quality results file",
+        description="Read a benchmarks/results/quality*.json file (rows with method, budget, params_kept_fraction, "
+                    "acc_mean, acc_std; the dense row has budget null) and plot accuracy against the kept fraction "
+                    "of the targeted parameters, one line per method with the dense row as a horizontal band. "
+                    "The PNG is written atomically (a temporary file in the same folder, then os.replace).")
+    p.add_argument("results", metavar="RESULTS_JSON", help="a quality results JSON file")
+    p.add_argument("--out", required=True, metavar="PNG", help="the plot to write")
+    p.add_argument("--title", default=None, help="plot title (default: the file name)")
+    p.add_argument("--dpi", type=_positive_int, default=120, help="resolution")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on failure, print the traceback")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lrcomp`` command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version (0) and usage errors (2): argparse has printed them
+        code = exit_.code
+        return EXIT_OK if code is None else code if isinstance(code, int) else EXIT_USAGE
+    try:
+        return args.func(args)
+    except UsageError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return err.code
+    except CLIError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # anything else is a runtime failure: one line, the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        _restore_verbosity()
