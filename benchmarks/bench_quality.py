@@ -420,33 +420,10 @@ def save_best(best: dict, task: Task, directory: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Accuracy vs kept fraction of the targeted parameters; one line per method, dense as a horizontal band."""
-    import matplotlib
+    """Accuracy vs kept fraction of the targeted parameters (:func:`lrcomp.plots.quality_figure`), saved atomically."""
+    from lrcomp.plots import quality_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ok = [r for r in rows if r["status"] == "ok"]
-    for r in ok:
-        if r["method"] == "dense":
-            ax.axhline(r["acc_mean"], color="black", lw=1.2, label=f"dense FT ({r['acc_mean']:.3f})")
-            if r["acc_std"]:
-                ax.axhspan(r["acc_mean"] - r["acc_std"], r["acc_mean"] + r["acc_std"], color="black", alpha=0.08)
-    markers = "osD^vP*Xh<>"
-    methods = [m for m in dict.fromkeys(r["method"] for r in ok) if m != "dense"]
-    for i, m in enumerate(methods):
-        pts = sorted((r for r in ok if r["method"] == m), key=lambda r: r["params_kept_fraction"])
-        ax.errorbar([r["params_kept_fraction"] for r in pts], [r["acc_mean"] for r in pts],
-                    yerr=[r["acc_std"] or 0.0 for r in pts], marker=markers[i % len(markers)], capsize=3, label=m)
-    ax.set_xlabel("kept fraction of the targeted linear weights")
-    ax.set_ylabel("test accuracy")
-    ax.set_xlim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    utils.save_figure(fig, path)
+    utils.save_figure(quality_figure(rows, title), path)
 
 
 def aggregate(results: dict, seeds: list[int], steps: int) -> list[dict]:

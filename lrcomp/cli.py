@@ -851,44 +851,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = _input_file(args.results, "RESULTS_JSON")
     rows = _quality_rows(path)
     try:
-        import matplotlib
+        import matplotlib.pyplot as plt
     except ImportError as err:
         raise CLIError("report needs matplotlib: pip install matplotlib") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from lrcomp.atomic import atomic_path
+    from lrcomp.plots import quality_figure
 
-    def is_dense(row: dict) -> bool:
-        return row.get("budget") is None
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in filter(is_dense, rows):
-        ax.axhline(row["acc_mean"], color="black", lw=1.2, label=f"{row['method']} ({row['acc_mean']:.3f})")
-        if row.get("acc_std"):
-            ax.axhspan(row["acc_mean"] - row["acc_std"], row["acc_mean"] + row["acc_std"], color="black", alpha=0.08)
-    markers = "osD^vP*Xh<>"
-    methods = list(dict.fromkeys(r["method"] for r in rows if not is_dense(r)))
-    for i, method in enumerate(methods):
-        points = sorted((r for r in rows if r["method"] == method and not is_dense(r)),
-                        key=lambda r: r["params_kept_fraction"])
-        ax.errorbar([r["params_kept_fraction"] for r in points], [r["acc_mean"] for r in points],
-                    yerr=[r.get("acc_std") or 0.0 for r in points], marker=markers[i % len(markers)], capsize=3,
-                    label=method)
-    ax.set_xlabel("kept fraction of the targeted parameters")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(args.title or path.name, fontsize=9)
-    fig.tight_layout()
+    fig = quality_figure(rows, args.title or path.name)
+    dense = sum(r.get("budget") is None for r in rows)
+    methods = {r["method"] for r in rows if r.get("budget") is not None}
     out = Path(args.out).expanduser()
     try:
         with atomic_path(out) as tmp:  # a temporary file in the same folder, then os.replace
             fig.savefig(tmp, dpi=args.dpi, format="png")
     finally:
         plt.close(fig)
-    print(f"{len(methods)} methods, {len(rows)} rows ({sum(map(is_dense, rows))} dense) -> {out}")
+    print(f"{len(methods)} methods, {len(rows)} rows ({dense} dense) -> {out}")
     return EXIT_OK
 
 
