@@ -453,9 +453,9 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def report(rows: list[dict], meta: dict, args) -> None:
-    """Write ``--out`` (rows + meta), its plot, and print the table."""
-    utils.write_results(args.out, rows, meta=meta)
+def report(rows: list[dict], meta: dict, args, env: dict | None = None) -> None:
+    """Write ``--out`` (rows + meta; ``env`` default: this machine), its plot, and print the table."""
+    utils.write_results(args.out, rows, env=env, meta=meta)
     seeds = sorted({s for r in rows for s in r["seeds"]})
     plot(rows, args.plot or args.out.with_suffix(".png"),
          f"MiniLM + linear head, {len(meta['classes'])} fortune categories, {meta['steps']} steps, "
@@ -506,7 +506,13 @@ def merge(args) -> int:
                              for d in sorted({r["device"] for r in records})},
             "merged_from": [str(p) for p in args.merge],
             "sequential_split": "steps // 2 before compression, the rest after"}
-    report(rows, meta, args)
+    for row in rows:
+        runs = [r for r in records if r["method"] == row["method"] and r["status"] == "ok"]
+        row["device_name"] = ", ".join(sorted({r.get("device_name", r["device"]) for r in runs})) or None
+    env = utils.environment()
+    env.update(device="per row (the merged runs ran on: " + ", ".join(meta["devices"]) + ")", torch="per run",
+               triton=None, cuda=None, gpu=None, cpu=None, cpu_threads=None, load_avg_1m=None)
+    report(rows, meta, args, env=env)
     print(f"\nmerged {len(records)} runs; wrote {args.out}")
     return 0
 
@@ -598,12 +604,15 @@ def main(argv=None) -> int:
           f"tokens); dense step {step_s:.2f} s -> estimated {estimate / 60:.1f} min "
           f"(joint methods counted at {JOINT_STEP_COST}x a dense step)")
 
+    env = utils.environment()
+
     def log_run(record: dict) -> None:
         if args.runs_jsonl is not None:
             record = {**record, "lr": method_lr(args, record["method"]),
                       "options": method_options(args, record["method"]), "eval_split": args.eval_split,
                       "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                      "device": str(args.device), "classes": task.label_names, "n_train": len(task.train_texts),
+                      "device": str(args.device), "device_name": env["device"], "torch": env["torch"],
+                      "commit": env["commit"], "classes": task.label_names, "n_train": len(task.train_texts),
                       "n_eval": sum(len(b["labels"]) for b in task.test_batches), "dense_step_s": step_s}
             args.runs_jsonl.parent.mkdir(parents=True, exist_ok=True)
             with open(args.runs_jsonl, "a", encoding="utf-8") as f:  # one line per run: a crash loses one run

@@ -49,7 +49,7 @@ LAYOUTS = {
         ("method", "method", ""), ("budget", "budget", ".2f"), ("seeds_str", "seeds", ""),
         (("acc_mean", "acc_std"), "accuracy (mean ± std)", ".3f"),
         ("params_kept_fraction", "kept params (linears)", ".3f"), ("lr", "lr", "g"), ("options", "options", ""),
-        ("wall_s_mean", "wall time (s)", ".1f"), ("device", "device", ""), ("status", "status", ""),
+        ("wall_s_mean", "wall time (s)", ".1f"), ("device_name", "device", ""), ("status", "status", ""),
         ("note", "note", "")]),
     "compress_factorizations": ("One-shot factorisations at equal rank (half of each layer's parameters): relative "
                                 "output error on held-back MiniLM activations, mean per layer kind", [
