@@ -1,7 +1,9 @@
 """Backend selection for lrcomp's ops.
 
-``auto`` runs the Triton kernels on CUDA tensors and the pure-PyTorch reference
-elsewhere; ``torch`` always runs the reference; ``triton`` always runs the kernels, on
+``auto`` runs the pure-PyTorch reference (eager PyTorch GEMMs, cuBLAS on a GPU) everywhere for
+now: on an H100 the Triton path measured 2-30x slower than it (a host-side cost of 300-600 us per
+call, see benchmarks/results/lowrank_linear_nvidia-h100-80gb-hbm3.json), so :data:`AUTO_TRITON_ON_CUDA`
+is off until the kernels beat eager; ``torch`` always runs the reference; ``triton`` always runs the kernels, on
 CPU tensors too when the Triton interpreter is on (``TRITON_INTERPRET=1`` set before
 triton is imported), which is how CI tests the kernels.
 
@@ -18,6 +20,8 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+# Whether "auto" picks the Triton kernels for CUDA tensors. Off: measured slower than eager on an H100.
+AUTO_TRITON_ON_CUDA = False
 
 _backend: str | None = None
 
@@ -67,6 +71,6 @@ def resolve(device: torch.device) -> str:
             )
         return "triton"
     # auto
-    if device.type == "cuda" and triton_available():
+    if AUTO_TRITON_ON_CUDA and device.type == "cuda" and triton_available():
         return "triton"
     return "torch"

@@ -87,7 +87,10 @@ def test_triton_not_installed_raises(monkeypatch):
 def test_resolve_rules(monkeypatch):
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     lrcomp.set_backend("auto")
+    assert backend.resolve(torch.device("cuda", 0)) == "torch"  # Triton measured slower than eager on CUDA
+    monkeypatch.setattr(backend, "AUTO_TRITON_ON_CUDA", True)
     assert backend.resolve(torch.device("cuda", 0)) == "triton"
+    monkeypatch.setattr(backend, "AUTO_TRITON_ON_CUDA", False)
     assert backend.resolve(torch.device("cpu")) == "torch"
     lrcomp.set_backend("torch")
     assert backend.resolve(torch.device("cuda", 0)) == "torch"
