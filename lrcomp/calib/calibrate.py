@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lrcomp import distributed as dist_utils
 from lrcomp.calib.covariance import CovarianceAccumulator
 from lrcomp.calib.stats import GRADIENT_STATS, STAT_NAMES, CalibrationStats
 from lrcomp.replace import find_target_linears
@@ -102,18 +103,38 @@ class _LayerStats:
             self.fisher_sum += dW.double().square().sum(0).cpu()
         self.calls = []
 
-    def result(self, batches: int) -> dict[str, Tensor]:
-        T = self.tokens
+    def sums(self) -> dict[str, Tensor]:
+        """The unnormalised fp64 CPU sums of this pass (what is all-reduced over the ranks)."""
         out = {}
         if self.input_cov is not None:
-            out["input_cov"] = self.input_cov.total() / T
+            out["input_cov"] = self.input_cov.total()
         if self.grad_cov is not None:
-            out["grad_cov"] = self.grad_cov.total() / T
+            out["grad_cov"] = self.grad_cov.total()
         if self.abs_sum is not None:
-            out["input_abs_mean"] = self.abs_sum / T
+            out["input_abs_mean"] = self.abs_sum
         if self.fisher_sum is not None:
-            out["fisher"] = self.fisher_sum / batches
+            out["fisher"] = self.fisher_sum
         return {name: out[name] for name in STAT_NAMES if name in out}
+
+
+def _normalise(sums: dict[str, Tensor], tokens: int, batches: int) -> dict[str, Tensor]:
+    """Covariances and the mean magnitude per token, the Fisher diagonal per batch."""
+    return {name: total / (batches if name == "fisher" else tokens) for name, total in sums.items()}
+
+
+def _all_reduce_sums(sums: dict[str, dict[str, Tensor]], tokens: dict[str, int], batches: int):
+    """Sum every layer's statistics, token counts and the batch count over the ranks (fp64, in place).
+
+    Every rank calls this with the same layers and stats in the same order (the group's names, the
+    fixed order of STAT_NAMES), whatever it saw locally: a rank with no batch contributes zeros.
+    """
+    counts = torch.tensor([float(tokens[name]) for name in sums] + [float(batches)], dtype=torch.float64)
+    dist_utils.all_reduce_sum_(counts)  # integers below 2**53: exact in fp64
+    for name in sums:
+        for total in sums[name].values():
+            dist_utils.all_reduce_sum_(total)
+    totals = [int(round(c)) for c in counts.tolist()]
+    return dict(zip(sums, totals[:-1], strict=True)), totals[-1]
 
 
 def _check_stats(stats) -> tuple[str, ...]:
@@ -211,8 +232,11 @@ def _cannot_return_loss(model: nn.Module) -> bool:
     return "labels" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _run_pass(model, data, names, modules, stats, loss_fn, max_batches, progress, desc):
-    """One pass over ``data`` collecting ``stats`` for ``names``; returns ({name: stats}, counts, batches)."""
+def _run_pass(model, data, names, modules, stats, loss_fn, max_batches, progress, desc, distributed=False):
+    """One pass over ``data`` collecting ``stats`` for ``names``; returns ({name: stats}, counts, batches).
+
+    ``distributed``: sum the statistics over the ranks before normalising (every rank must call).
+    """
     need_grad = any(s in GRADIENT_STATS for s in stats)
     layer_stats = {name: _LayerStats(modules[name], stats) for name in names}
     state: dict = {"mask": None}
@@ -289,14 +313,19 @@ def _run_pass(model, data, names, modules, stats, loss_fn, max_batches, progress
         for acc in layer_stats.values():
             acc.calls = []
         state["mask"] = None
+    sums = {name: acc.sums() for name, acc in layer_stats.items()}
+    tokens = {name: acc.tokens for name, acc in layer_stats.items()}
+    if distributed:
+        tokens, batches = _all_reduce_sums(sums, tokens, batches)
     if batches == 0:
-        raise ValueError("data yielded no batch: calibration needs at least one")
+        raise ValueError("data yielded no batch" + (" on any rank" if distributed else "")
+                         + ": calibration needs at least one")
     results, counts = {}, {}
-    for name, acc in layer_stats.items():
-        if acc.tokens == 0:
+    for name in layer_stats:
+        if tokens[name] == 0:
             continue
-        results[name] = acc.result(batches)
-        counts[name] = acc.tokens
+        results[name] = _normalise(sums[name], tokens[name], batches)
+        counts[name] = tokens[name]
     return results, counts, batches
 
 
@@ -312,6 +341,7 @@ def calibrate(
     group_size: int | None = None,
     save_path: str | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> CalibrationStats:
     """Run ``model`` over ``data`` and collect per-layer statistics of the targeted ``nn.Linear`` modules.
 
@@ -337,7 +367,18 @@ def calibrate(
             atomically; if the file exists when ``calibrate`` starts, the layers it completes (same
             shapes, every requested stat) are loaded and skipped, so an interrupted run resumes.
             The file must come from a run with the same ``max_batches`` (and the same data).
-        progress: show a tqdm bar over the batches of each pass.
+        progress: show a tqdm bar over the batches of each pass (on rank 0 only under torch.distributed).
+        distributed: sum the statistics over the ranks of the default ``torch.distributed`` process group.
+            None (default): when it is initialised (``torchrun``); False: never (each rank calibrates on
+            its own data alone). Each rank passes its own shard of the data (``max_batches`` counts the
+            batches of each rank); every sum (``X^T X``, ``G^T G``, ``sum |x|``, the Fisher sums, the
+            token and batch counts) is all-reduced in fp64 *before* it is normalised, so every rank
+            returns the statistics of the union of all the ranks' batches, the same bits on every rank.
+            They equal those of one process that sees all the batches up to the order of the fp64
+            additions across batches (each batch's own products are the same): the counts are exact,
+            the rest agrees to fp64 rounding (relative ~1e-15). Every rank must call ``calibrate``
+            (collective). ``save_path`` is then written by rank 0 only, the other ranks waiting at a
+            barrier; on resume every rank reads it (a filesystem all the ranks see).
 
     Returns:
         :class:`CalibrationStats`: ``{layer name: {stat: fp64 CPU tensor}}`` for the targets, in
@@ -374,6 +415,14 @@ def calibrate(
                          f"{shown if linears else 'none'}")
     modules = {name: model.get_submodule(name) for name in targets}
     config = {"max_batches": max_batches}
+    if distributed is None:
+        distributed = dist_utils.is_distributed()
+    elif not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
+    elif distributed and not dist_utils.is_distributed():
+        raise RuntimeError("distributed=True needs torch.distributed to be initialised (init_process_group)")
+    if distributed and dist_utils.rank() != 0:
+        progress = False
 
     done: dict[str, dict[str, Tensor]] = {}
     counts: dict[str, int] = {}
@@ -381,7 +430,10 @@ def calibrate(
     kept: dict[str, dict[str, Tensor]] = {}  # entries of the resumed file that this run does not recompute
     kept_counts: dict[str, int] = {}
     kept_batches: dict[str, int] = {}
-    if save_path is not None and _exists(save_path):
+    exists = save_path is not None and _exists(save_path)
+    if distributed and save_path is not None:
+        exists = dist_utils.broadcast_object(exists)  # rank 0's view: every rank resumes the same layers
+    if exists:
         previous = CalibrationStats.load(save_path)
         if previous.config.get("max_batches") != max_batches:
             raise ValueError(f"save_path={str(save_path)!r} holds statistics from a run with max_batches="
@@ -409,7 +461,7 @@ def calibrate(
         for g, group in enumerate(groups):
             desc = f"calibrate {g + 1}/{len(groups)}" if len(groups) > 1 else "calibrate"
             results, group_counts, batches = _run_pass(model, data, group, modules, stats, loss_fn, max_batches,
-                                                       progress, desc)
+                                                       progress, desc, distributed)
             for name in group:
                 if name in results:
                     done[name] = results[name]
@@ -417,7 +469,13 @@ def calibrate(
                     nbatches[name] = batches
             if save_path is not None:
                 merged = {**kept, **done}
-                _stats_for(merged, {**kept_counts, **counts}, {**kept_batches, **nbatches}, config).save(save_path)
+                snapshot = _stats_for(merged, {**kept_counts, **counts}, {**kept_batches, **nbatches}, config)
+                if distributed:
+                    with dist_utils.on_rank0_then_barrier() as writer:
+                        if writer:
+                            snapshot.save(save_path)
+                else:
+                    snapshot.save(save_path)
     finally:
         for module, mode in was_training.items():
             module.training = mode

@@ -8,6 +8,12 @@ branch, scales), the optimizer's parameter groups and scalar state, the method's
 
 Loading first reshapes each low-rank layer to the saved rank (new parameters, swapped into
 the optimizer), so a run that compacted its layers resumes exactly where it stopped.
+
+Under ``torch.distributed`` both are collective (every rank calls them): the model, optimizer and
+method state are the same on every rank, so rank 0 alone writes the file while the others wait at a
+barrier; the CPU RNG state of every rank is gathered first (``rng.cpu`` is rank 0's, ``rng.cpu.<r>``
+rank r's for r >= 1), so on loading, which every rank does from the same file, each rank gets its own
+RNG state back (a rank missing from the file, after a change of world size, takes rank 0's).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from lrcomp import atomic
+from lrcomp import distributed as dist_utils
 from lrcomp.layers.lowrank_linear import LowRankLinear, _swap_in_optimizer
 
 if TYPE_CHECKING:
@@ -45,6 +52,13 @@ def _split(state: dict[str, Any], prefix: str) -> tuple[dict[str, Tensor], dict[
 
 
 def save(comp: Compressor, path) -> None:
+    rng_states = dist_utils.all_gather_object(torch.get_rng_state())  # collective: before rank 0 goes its way
+    with dist_utils.on_rank0_then_barrier() as writer:
+        if writer:
+            _save(comp, path, rng_states)
+
+
+def _save(comp: Compressor, path, rng_states: list[Tensor]) -> None:
     model = comp.model
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     structure = {n: _structure(model.get_submodule(n)) for n in comp.targets}
@@ -63,7 +77,9 @@ def save(comp: Compressor, path) -> None:
         optim_meta = {"param_groups": state["param_groups"], "scalars": scalars}
     method_tensors, method_json = _split(comp.method.state_dict(), "method.")
     tensors.update(method_tensors)
-    tensors["rng.cpu"] = torch.get_rng_state()
+    tensors["rng.cpu"] = rng_states[0]
+    for r, state in enumerate(rng_states[1:], start=1):
+        tensors[f"rng.cpu.{r}"] = state
     metadata = {
         "format": FORMAT, "method": comp.config.method, "step": str(comp.step_count),
         "structure": json.dumps(structure), "optimizer": json.dumps(optim_meta),
@@ -141,5 +157,5 @@ def load(comp: Compressor, path) -> None:
     method_state = json.loads(metadata["method_state"])
     method_state.update({k[len("method."):]: v.to(device) for k, v in tensors.items() if k.startswith("method.")})
     comp.method.load_state_dict(method_state)
-    torch.set_rng_state(tensors["rng.cpu"])
+    torch.set_rng_state(tensors.get(f"rng.cpu.{dist_utils.rank()}", tensors["rng.cpu"]))  # rank 0: "rng.cpu"
     comp.step_count = int(metadata["step"])

@@ -14,6 +14,45 @@
 Budget accounting counts the weights of the targeted layers: a dense layer costs ``K N``, a
 low-rank one ``active_rank (K + N)`` (plus its LoRA factors, plus ``K N`` while its dense
 branch has a nonzero scale); biases are not counted (they are never compressed).
+
+Under ``torchrun`` with ``DistributedDataParallel`` (every rank runs the same script on its own shard
+of the data)::
+
+    dist.init_process_group("nccl")                               # or "gloo" on CPUs
+    comp = lrcomp.Compressor(model, config, calib_data=my_shard)  # the PLAIN model: layers replaced first,
+                                                                  # statistics all-reduced over the ranks
+    opt = torch.optim.AdamW(comp.parameters(), lr=...); comp.attach(opt)
+    comp.wrap_ddp(device_ids=[local_rank])                        # builds comp.ddp_model around comp.model
+    for batch in my_loader:
+        out = comp.ddp_model(batch["x"])                          # always through comp.ddp_model: it is rebuilt
+        loss = comp.loss(task_loss(out, batch), inputs=batch["x"], outputs=out)
+        loss.backward(); opt.step(); opt.zero_grad()              # DDP averages the gradients
+        comp.step()                                               # on every rank; True when the structure
+                                                                  # changed (comp.ddp_model rebuilt already)
+        if comp.step_count % 100 == 0:
+            comp.save_checkpoint("ckpt.safetensors")              # on every rank; rank 0 writes
+    model = comp.finalize()                                       # on every rank; releases the wrapper
+
+The design: the methods change the model's structure during the run (compaction drops pruned
+directions and slices their parameters; LPAF swaps a dense weight for ``U, S, V``; ACIP freezes its
+scores; dense branches are dropped), which an existing DDP wrapper cannot follow (its buckets and
+hooks are bound to the old parameters). So the Compressor always works on the unwrapped model, and
+:meth:`step` compares the model's parameters and buffers (identity, shape, ``requires_grad``) before
+and after the method's hook and returns True when they changed; a wrapper made by :meth:`wrap_ddp` is
+then rebuilt at once (``DistributedDataParallel(comp.model, **the same kwargs)``: it broadcasts rank
+0's parameters and buffers, which are already identical). A user-built wrapper must be rebuilt by the
+user when ``comp.step()`` returns True. Rebuilding costs one broadcast of the model, only at the steps
+that change the structure. Compaction is not deferred, so the memory and time savings of a shrinking
+model hold under DDP too.
+
+Decisions are identical on every rank: parameters are (DDP all-reduces the gradients, so every rank
+takes the same optimizer step), calibration statistics are summed over the ranks
+(:func:`lrcomp.calibrate`), and scores that a method accumulates from the *local* gradient (LPAF's
+movement / first-order scores) are averaged over the ranks before they are used. ``step``,
+``save_checkpoint``, ``load_checkpoint`` and ``finalize`` are collective: call them on every rank.
+With the global batch split evenly over the ranks (per-rank loss = the mean over the local part), DDP's
+averaged gradient is the single-process gradient of the full batch, so a DDP run follows the
+single-process run up to floating-point summation order.
 """
 
 from __future__ import annotations
@@ -26,6 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lrcomp import distributed as dist_utils
 from lrcomp.calib.calibrate import calibrate
 from lrcomp.compression.config import JOINT_METHODS, CompressionConfig
 from lrcomp.layers.lowrank_linear import LowRankLinear
@@ -72,6 +112,13 @@ class Compressor:
         teacher: the dense teacher for distillation; None = a frozen copy of ``model`` taken before
             any layer is replaced (only when the method distils).
 
+    Distributed (DDP): build it on the plain model on every rank (each with its own shard of
+    ``calib_data``: the statistics are summed over the ranks), then wrap the model with
+    :meth:`wrap_ddp` and train through :attr:`ddp_model`, which :meth:`step` rebuilds whenever the
+    structure changes (compaction, factorisation, frozen parameters); :meth:`step` returns True then,
+    for a wrapper of your own. ``step``, ``save_checkpoint`` (rank 0 writes), ``load_checkpoint`` and
+    ``finalize`` are collective. See the module docstring for the loop and the design.
+
     Raises:
         ValueError: unknown method (the message lists them), total_steps <= 0, no targeted layer
             (the message lists the linear layers), a budget that the targeted layers cannot
@@ -109,6 +156,8 @@ class Compressor:
             self.teacher = teacher if teacher is not None else copy.deepcopy(model)
             self.teacher.eval().requires_grad_(False)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.ddp_model: nn.Module | None = None  # the DistributedDataParallel wrapper made by wrap_ddp
+        self._ddp_kwargs: dict[str, Any] | None = None
         self.step_count = 0
         self.last_terms: dict[str, float] = {}
         self._checked_teacher = False
@@ -186,10 +235,41 @@ class Compressor:
         self.last_terms = terms
         return total
 
-    def step(self) -> None:
-        """Call once after every optimizer step: schedules, masks, pruning and compaction."""
+    def wrap_ddp(self, **ddp_kwargs) -> nn.Module:
+        """Wrap :attr:`model` in ``torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)`` and keep it
+        as :attr:`ddp_model`, rebuilt by :meth:`step` whenever the model's structure changes. Train through
+        ``comp.ddp_model`` (look it up at every step: it is replaced). Returns the wrapper.
+
+        Call it after the Compressor is built (the layers are replaced then). Needs an initialised process group.
+        """
+        if not dist_utils.is_distributed():
+            raise RuntimeError("wrap_ddp needs torch.distributed to be initialised (init_process_group)")
+        self._ddp_kwargs = dict(ddp_kwargs)
+        self._rebuild_ddp()
+        return self.ddp_model
+
+    def _rebuild_ddp(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.ddp_model = None  # release the old wrapper (its reducer) before building the new one
+        self.ddp_model = DistributedDataParallel(self.model, **self._ddp_kwargs)
+
+    def step(self) -> bool:
+        """Call once after every optimizer step (on every rank): schedules, masks, pruning and compaction.
+
+        Returns True when the model's structure changed in this step (parameters replaced, reshaped,
+        frozen or unfrozen; buffers replaced): a ``DistributedDataParallel`` wrapper of the model is then
+        stale. The one made by :meth:`wrap_ddp` has been rebuilt already; rebuild your own.
+        """
         self.step_count += 1
+        keep = (list(self.model.parameters()), list(self.model.buffers()))  # ids stay unique while compared
+        before = dist_utils.structure_signature(self.model)
         self.method.on_step(self.step_count)
+        changed = dist_utils.structure_signature(self.model) != before
+        del keep
+        if changed and self.ddp_model is not None:
+            self._rebuild_ddp()
+        return changed
 
     def compact(self) -> int:
         """Physically drop every pruned direction of the low-rank targets (optimizer state sliced too).
@@ -214,6 +294,7 @@ class Compressor:
     def finalize(self) -> nn.Module:
         """End the run: the compact model at the budget (no dense branch, nothing pruned left in memory)."""
         model = self.method.finalize()
+        self.ddp_model = None  # the structure changed: a wrapper of the old one is useless
         for tap in (self._student_tap, self._teacher_tap):
             if tap is not None:
                 tap.remove()
@@ -237,12 +318,22 @@ class Compressor:
         return {"step": self.step_count, "method": self.method.state_dict()}
 
     def save_checkpoint(self, path) -> None:
-        """Model, optimizer, method state, step and RNG to one safetensors file, written atomically."""
+        """Model, optimizer, method state, step and RNG to one safetensors file, written atomically.
+
+        Under torch.distributed: call it on every rank; rank 0 writes (the state is the same on every
+        rank, except the RNG states, which are gathered so each rank resumes its own), the others wait.
+        """
         checkpoint.save(self, path)
 
     def load_checkpoint(self, path) -> None:
-        """Resume: reshape the layers to the checkpoint's ranks, then load everything :meth:`save_checkpoint` wrote."""
+        """Resume: reshape the layers to the checkpoint's ranks, then load everything :meth:`save_checkpoint` wrote.
+
+        Under torch.distributed: call it on every rank (each reads the file); a wrapper made by
+        :meth:`wrap_ddp` is rebuilt around the reshaped model.
+        """
         checkpoint.load(self, path)
+        if self.ddp_model is not None:
+            self._rebuild_ddp()
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

@@ -41,9 +41,16 @@ than checked): "mixed-rank" here means per-layer ranks from one global, cost-awa
 weighted low-rank problem is solved with the rank-1 surrogate of the importance matrix that
 ``sparsity_aware`` documents; the default final sparsity is ``1 - budget`` (prune as much as the
 factorisation will remove); the ranks are fixed from the boundary on (no progressive rank pruning in
-phase 3). The movement scores are accumulated by a tensor hook at every backward pass, so a model run
-twice per step (activation checkpointing) counts its gradient twice; a budget counted in latency that
-keeps more parameters than the budget falls back to a parameter allocation (with a warning).
+phase 3). The scores are accumulated per optimizer step: a tensor hook sums ``W * dL/dW'`` over the
+step's backward passes (gradient accumulation: the step's whole gradient; a model run twice per step,
+activation checkpointing, counts its gradient twice) and :meth:`LPAF.on_step` folds the sum ``P`` in,
+``S -= P``, ``F += |P|``; a budget counted in latency that keeps more parameters than the budget falls
+back to a parameter allocation (with a warning).
+
+Under ``torch.distributed`` (DDP) the hook sees the rank's *local* gradient, so ``P`` is averaged over
+the ranks (one all-reduce per masked layer and step) before it is folded in: every rank holds the same
+scores, prunes the same weights and, with ``W`` identical on every rank, ``mean_r(W * g_r) = W * mean_r(g_r)``
+is what one process computes from DDP's averaged gradient. The rank allocation is broadcast from rank 0.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrcomp import distributed as dist_utils
 from lrcomp.compression.allocate import allocate_ranks, importance_keep_mask
 from lrcomp.compression.cost import LatencyTable
 from lrcomp.compression.factorizations import factorize
@@ -111,6 +119,9 @@ class MaskedLinear(nn.Linear):
     Buffers (in the state dict, so checkpoints carry them): ``mask`` bool ``[N, K]``; ``movement``
     fp32 ``[N, K]``, ``S = -sum W * dL/dW'``; ``first_order`` fp32 ``[N, K]``, ``sum |W * dL/dW'|``
     (``W' = W * mask``, accumulated at every backward pass while ``track`` is True).
+
+    With ``defer`` True (set by :class:`LPAF`) the backward passes only sum ``W * dL/dW'`` into a pending
+    tensor, which :meth:`flush_scores` folds into the scores (after averaging it over the ranks).
     """
 
     @classmethod
@@ -125,6 +136,8 @@ class MaskedLinear(nn.Linear):
         layer.register_buffer("movement", torch.zeros(shape, dtype=torch.float32, device=device))
         layer.register_buffer("first_order", torch.zeros(shape, dtype=torch.float32, device=device))
         layer.track = True
+        layer.defer = False
+        layer._pending = None
         return layer.train(linear.training)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -136,8 +149,30 @@ class MaskedLinear(nn.Linear):
     @torch.no_grad()
     def _accumulate(self, grad: Tensor) -> None:
         step = self.weight.detach().float() * grad.float()
+        if self.defer:
+            if self._pending is None:
+                self._pending = step
+            else:
+                self._pending.add_(step)
+            return
         self.movement.sub_(step)
         self.first_order.add_(step.abs())
+
+    @torch.no_grad()
+    def flush_scores(self, distributed: bool = False) -> None:
+        """Fold the pending ``P = sum W * dL/dW'`` in: ``movement -= P``, ``first_order += |P|``.
+
+        ``distributed``: average ``P`` over the ranks first (a collective whenever the layer tracks a
+        trainable weight, so every rank calls it, with zeros if it ran no backward pass).
+        """
+        pending, self._pending = self._pending, None
+        if distributed and self.track and self.weight.requires_grad:
+            if pending is None:
+                pending = torch.zeros_like(self.movement)
+            dist_utils.all_reduce_mean_(pending)
+        if pending is not None:
+            self.movement.sub_(pending)
+            self.first_order.add_(pending.abs())
 
     @torch.no_grad()
     def prune_to(self, count: int, score: str = "movement") -> None:
@@ -226,12 +261,21 @@ class LPAF(JointMethod):
         self.factored = False
         self.ranks: dict[str, int] = {}
         for name in self.comp.targets:
-            self.model.set_submodule(name, MaskedLinear.from_linear(self.model.get_submodule(name)))
+            layer = MaskedLinear.from_linear(self.model.get_submodule(name))
+            layer.defer = True  # per-step scores, averaged over the ranks under torch.distributed
+            self.model.set_submodule(name, layer)
 
     def masked_layers(self) -> dict[str, MaskedLinear]:
         return {n: m for n in self.comp.targets if isinstance(m := self.model.get_submodule(n), MaskedLinear)}
 
+    def flush_scores(self) -> None:
+        """Fold this step's pending scores into every masked layer (rank-averaged under torch.distributed)."""
+        distributed = dist_utils.is_distributed()
+        for layer in self.masked_layers().values():
+            layer.flush_scores(distributed)
+
     def on_step(self, step: int) -> None:
+        self.flush_scores()
         if self.factored:
             return
         if step <= self.boundary:
@@ -260,6 +304,11 @@ class LPAF(JointMethod):
             ranks = allocate_ranks(self.model, config.budget, cost="params", **kw)
         return dict(ranks)
 
+    def _allocate_everywhere(self) -> dict[str, int]:
+        """:meth:`_allocate`, computed on every rank (the allocator may communicate) and then rank 0's result
+        on all of them: the layers' new shapes must agree for DDP."""
+        return dist_utils.broadcast_object(self._allocate())
+
     @torch.no_grad()
     def factorize_layers(self) -> None:
         """Phase 2: sparsity-aware SVD of every masked layer, global rank allocation, optimizer swap."""
@@ -275,7 +324,7 @@ class LPAF(JointMethod):
                                    min_scale=self.options.min_scale)
             self.model.set_submodule(name, full[name])
         try:
-            ranks = self._allocate()
+            ranks = self._allocate_everywhere()
         finally:
             for name, layer in masked.items():
                 self.model.set_submodule(name, layer)
@@ -324,6 +373,7 @@ class LPAF(JointMethod):
 
     def finalize(self) -> nn.Module:
         """Factor now if phase 2 has not happened; plain ``nn.Linear`` for the dense layers; compact."""
+        self.flush_scores()
         if not self.factored:
             self.factorize_layers()
         for name, layer in self.masked_layers().items():
