@@ -47,6 +47,9 @@ class ACIPOptions:
     prune_fraction: float = 0.6  # share of total_steps in which the penalty grows and directions are pruned
     score_init: float = 1.0  # initial score m of every direction (mask on)
     score_lr: float = 0.02  # learning rate of the scores (own parameter group)
+    # score given to a direction whose score crossed 0 in the step that reached the budget but which the
+    # budget does not require pruning (it stays, as the weakest survivor, and the scores freeze)
+    revive_score: float = 1e-3
     lora_rank: int = 8  # LoRA compensation rank per layer (0: none); the paper trains LoRA adapters jointly
     lora_alpha: float = 16.0
     # The frozen factorisation: "svd" (the paper's plain SVD of W) or "svd_llm" (SVD of W whitened by the
@@ -55,7 +58,7 @@ class ACIPOptions:
     basis: str = "svd"
 
     def __post_init__(self) -> None:
-        for name in ("lambda_start", "lambda_end", "score_init", "score_lr", "lora_alpha"):
+        for name in ("lambda_start", "lambda_end", "score_init", "score_lr", "lora_alpha", "revive_score"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"acip option {name} must be a positive number, got {value!r}")
@@ -131,28 +134,45 @@ class ACIP(JointMethod):
     def on_step(self, step: int) -> None:
         if self.frozen:
             return
-        pruned = 0
-        for name, layer in self.lowrank_layers().items():
+        layers = self.lowrank_layers()
+        # Directions whose score reached 0, least important (lowest score) first, across all layers.
+        dying = []
+        for name, layer in layers.items():
             dead = (layer.scores <= 0) & layer.active
             if not bool(dead.any()):
                 continue
             if int(dead.sum()) == layer.rank:  # keep at least one direction: the best of the dying ones
                 dead[int(layer.scores.argmax())] = False
-            idx = dead.nonzero().flatten()
-            for i in sorted(idx.tolist(), key=lambda j: float(layer.scores[j])):
-                origin = int(self.origin[name][i])
-                self.order.append((name, origin, step, float(layer.scores[i])))
-                self.reservoir[name][origin] = (layer.U[:, i].cpu().clone(), float(layer.S[i]),
-                                                layer.V[i].cpu().clone())
-            layer.prune_(~dead)
-            self.origin[name] = self.origin[name][~dead.cpu()]
-            pruned += len(idx)
-        if pruned:
+            cost = layer.in_features + layer.out_features
+            dying += [(float(layer.scores[i]), name, i, cost) for i in dead.nonzero().flatten().tolist()]
+        dying.sort(key=lambda t: t[0])
+        # Prune only down to the budget: the penalty can push many scores through 0 in one step, and
+        # pruning them all would leave the model well under its budget for the rest of the run. The
+        # ones not needed revive with a tiny positive score (the weakest survivors) and the scores freeze.
+        # kept_cost counts the directions that contribute (d != 0): the dying ones (mask off) are not in it
+        excess = self.comp.kept_cost() + sum(c for *_, c in dying) - self.comp.config.budget * self.comp.total_cost
+        cut = 0
+        while cut < len(dying) and excess > 0:
+            excess -= dying[cut][3]
+            cut += 1
+        for _, name, i, _ in dying[cut:]:
+            layers[name].scores[i] = self.options.revive_score
+        masks = {}
+        for score, name, i, _ in dying[:cut]:
+            layer = layers[name]
+            origin = int(self.origin[name][i])
+            self.order.append((name, origin, step, score))
+            self.reservoir[name][origin] = (layer.U[:, i].cpu().clone(), float(layer.S[i]), layer.V[i].cpu().clone())
+            masks.setdefault(name, torch.ones(layer.rank, dtype=torch.bool, device=layer.active.device))[i] = False
+        for name, keep in masks.items():
+            layers[name].prune_(keep)
+            self.origin[name] = self.origin[name][keep.cpu()]
+        if masks:
             self.comp.compact()
         if self.comp.kept_cost() <= self.comp.config.budget * self.comp.total_cost:
             self._freeze()
         elif step >= self.options.prune_fraction * self.total_steps:
-            self._apply(self.materialize_ranks(self.comp.config.budget))  # the ranking cuts what is left
+            self._apply(self.materialize_ranks(self.comp.config.budget, alive_only=True))  # the ranking cuts the rest
             self._freeze()
 
     def _freeze(self) -> None:
@@ -171,8 +191,12 @@ class ACIP(JointMethod):
         alive.sort(key=lambda t: -t[0])
         return [(n, o) for _, n, o in alive] + [(n, o) for n, o, _, _ in reversed(self.order)]
 
-    def materialize_ranks(self, budget: float) -> dict[str, list[int]]:
-        """Original direction indices each layer keeps at ``budget``: the ranking's prefix that fits, exactly."""
+    def materialize_ranks(self, budget: float, alive_only: bool = False) -> dict[str, list[int]]:
+        """Original direction indices each layer keeps at ``budget``: the ranking's prefix that fits, exactly.
+
+        ``alive_only``: choose among the directions the training model still has (no reservoir), as
+        cutting the training model itself must (it can only lose directions).
+        """
         if not 0 < budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {budget!r}")
         layers = self.lowrank_layers()
@@ -182,7 +206,10 @@ class ACIP(JointMethod):
             layer.active_rank * (layer.in_features + layer.out_features) for layer in layers.values())
         chosen: dict[str, list[int]] = {n: [] for n in layers}
         spent = fixed
+        alive = {(n, int(o)) for n in layers for o in self.origin[n]}
         for name, origin in self.ranking():
+            if alive_only and (name, origin) not in alive:
+                continue
             layer = layers[name]
             K, N = layer.in_features, layer.out_features
             if (len(chosen[name]) + 1) * (K + N) >= K * N:  # never past break-even
@@ -246,7 +273,7 @@ class ACIP(JointMethod):
 
     def finalize(self) -> nn.Module:
         if self.comp.kept_cost() > self.comp.config.budget * self.comp.total_cost:
-            self._apply(self.materialize_ranks(self.comp.config.budget))
+            self._apply(self.materialize_ranks(self.comp.config.budget, alive_only=True))
         self._freeze()
         self.comp.compact()
         return self.model
