@@ -28,12 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
+from bench_quality import ALIASES  # noqa: E402  (bench-only names, e.g. acip_per_budget -> acip)
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE / "bench_quality.py"
 METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "acip_per_budget", "pc_lora", "tunecomp", "jactus", "lpaf"]
 # Method options tried besides the defaults (phase A picks among them on the validation split).
-EXTRA_OPTIONS = {"lpaf": [{"prune_score": "first_order"}]}
+EXTRA_OPTIONS = {"lpaf": [{"prune_score": "movement"}]}
 
 
 def run_pool(jobs: list[tuple[str, list[str]]], parallel: int, deadline: float, logdir: Path) -> dict[str, int | None]:
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
     # Phase A: candidates on the validation split
     sweep_dir = args.workdir / "sweep"
     candidates = []
-    for m in args.methods:
+    # an alias (acip_per_budget) is the same method at the sweep budget: it takes its base method's choice
+    for m in dict.fromkeys(ALIASES.get(m, m) for m in args.methods):
         for options in [{}, *EXTRA_OPTIONS.get(m, [])]:
             for lr in args.lrs:
                 candidates.append({"method": m, "lr": lr, "options": options, "name": f"{m}_{len(candidates)}"})
@@ -142,6 +144,9 @@ def main(argv=None) -> int:
                             for m, c in chosen.items()}}
     sel_path = out.with_name(out.stem + "_selection.json")
     utils.write_results(sel_path, selection["candidates"], kind="quality_selection", meta=selection)
+    for alias, base_method in ALIASES.items():
+        if alias in args.methods and base_method in chosen:
+            chosen[alias] = {**chosen[base_method], "method": alias}
     for m in args.methods:
         c = chosen.get(m)
         print(f"  {m:12s} " + (f"lr {c['lr']:g} {c['options'] or ''} val acc {c['val_acc']:.3f}" if c else
