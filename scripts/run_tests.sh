@@ -7,7 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 venv=${LRCOMP_VENV:-.venv}
-if [ -x "$venv/bin/python" ]; then export PATH="$PWD/$venv/bin:$PATH"; fi
+if [ -x "$venv/bin/python" ]; then export PATH="$(cd "$venv" && pwd)/bin:$PATH"; fi  # relative or absolute
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 status=0
