@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch import nn
-from toy import pretrained_mlp, task, train
+from toy import evaluate, pretrained_mlp, task, train
 
 from lrcomp import CompressionConfig, Compressor
 from lrcomp.compression.factorizations import factorize
@@ -39,11 +39,6 @@ def _build(model, config, lr=1e-2):
 
 
 
-def _eval(model):
-    X, y = task()
-    with torch.no_grad():
-        out = model(X)
-    return nn.functional.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
 
 
 @pytest.mark.parametrize("budget", [0.8, 0.5, 0.3])
@@ -67,9 +62,9 @@ def test_jactus_ends_within_budget_with_plain_lowrank_layers(budget):
 def test_jactus_learns_and_finalize_keeps_outputs():
     model = pretrained_mlp()
     comp, opt = _build(model, _config(0.3, steps=150))
-    before_loss, before_acc = _eval(model)
+    before_loss, before_acc = evaluate(model)
     train(comp, opt, 150)
-    trained_loss, trained_acc = _eval(model)
+    trained_loss, trained_acc = evaluate(model)
     X, _ = task()
     with torch.no_grad():
         y_core = model(X)

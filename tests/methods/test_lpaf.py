@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch import nn
-from toy import pretrained_mlp, task, train
+from toy import evaluate, pretrained_mlp, task, train
 
 from lrcomp import CompressionConfig, Compressor
 from lrcomp.layers import LowRankLinear
@@ -30,11 +30,6 @@ def _build(model, config, lr=3e-3):
 
 
 
-def _eval(model):
-    X, y = task()
-    with torch.no_grad():
-        out = model(X)
-    return nn.functional.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
 
 
 def _optimizer_holds_exactly_the_trainable_params(model, opt):
@@ -142,10 +137,10 @@ def test_lpaf_ends_within_budget(budget):
 def test_lpaf_learns_the_task():
     model = pretrained_mlp(steps=0)  # from scratch: the whole run must teach it
     comp, opt = _build(model, _config(0.3, steps=160), lr=1e-2)
-    before_loss, before_acc = _eval(model)
+    before_loss, before_acc = evaluate(model)
     train(comp, opt, 160)
     final = comp.finalize()
-    loss, acc = _eval(final)
+    loss, acc = evaluate(final)
     assert loss < 0.5 * before_loss
     assert acc > 0.85  # chance is 0.25
     assert comp.kept_cost() <= 0.3 * comp.total_cost

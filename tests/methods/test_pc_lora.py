@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from toy import HID, IN, small_data, small_mlp
 
 from lrcomp.compression.config import CompressionConfig
 from lrcomp.layers.lowrank_linear import LowRankLinear
@@ -15,24 +16,12 @@ from lrcomp.methods.compressor import Compressor
 from lrcomp.methods.pc_lora import PCLoRA, PCLoRAOptions, uniform_rank
 from lrcomp.methods.schedules import decay
 
-IN, HID, CLASSES = 16, 48, 4
-
-
 # ---------------------------------------------------------------------- helpers (private to this file)
-def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w_true = torch.randn(IN, CLASSES, generator=torch.Generator().manual_seed(1234))
-    x = torch.randn(n, IN, generator=g)
-    return x, (x @ w_true).argmax(1)
-
-
-def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, HID), nn.ReLU(), nn.Linear(HID, CLASSES))
 
 
 def _pretrained() -> nn.Sequential:
     """A small MLP trained briefly on the task (the dense 'pretrained' model to compress); a fresh copy."""
-    model = _mlp()
+    model = small_mlp()
     model.load_state_dict(_pretrained_state())
     return model
 
@@ -40,8 +29,8 @@ def _pretrained() -> nn.Sequential:
 @functools.lru_cache(maxsize=1)
 def _pretrained_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = _mlp()
-    x, y = _data(512, 0)
+    model = small_mlp()
+    x, y = small_data(512, 0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for i in range(60):
         xb, yb = x[(i * 64) % 512:][:64], y[(i * 64) % 512:][:64]
@@ -63,7 +52,7 @@ def _build(budget=0.5, steps=100, options=None, **cfg):
 
 
 def _train(model, comp, opt, steps, start=0):
-    x, y = _data(2048, 1)
+    x, y = small_data(2048, 1)
     for i in range(start, start + steps):
         xb, yb = x[(i * 32) % 2048:][:32], y[(i * 32) % 2048:][:32]
         out = model(xb)
@@ -75,7 +64,7 @@ def _train(model, comp, opt, steps, start=0):
 
 
 def _accuracy(model) -> float:
-    x, y = _data(1000, 99)
+    x, y = small_data(1000, 99)
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
 
@@ -100,7 +89,7 @@ def test_learns_and_ends_within_budget(budget):
 def test_starts_at_dense_model_and_lam_schedule():
     dense = _pretrained()
     model, comp, opt = _build(steps=100, options={"decay_ratio": 0.4, "schedule": "cosine"})
-    x, _ = _data(64, 5)
+    x, _ = small_data(64, 5)
     with torch.no_grad():
         assert torch.allclose(model(x), dense(x), atol=1e-6)  # B = 0, lam = 1
     method = comp.method
@@ -133,7 +122,7 @@ def test_dense_weight_has_no_influence_after_decay():
     layer = model.get_submodule(comp.targets[1])
     assert layer.dense_weight is None
     # put a (random) dense branch back at scale 0: outputs unchanged
-    x, _ = _data(64, 7)
+    x, _ = small_data(64, 7)
     with torch.no_grad():
         before = model(x)
         layer.attach_dense(torch.randn(HID, HID), scale=0.0)
@@ -144,7 +133,7 @@ def test_dense_weight_has_no_influence_after_decay():
 def test_feature_distillation_gradient_nonzero():
     model, comp, opt = _build(steps=50)
     _train(model, comp, opt, 5)  # B is no longer 0
-    x, y = _data(32, 3)
+    x, y = small_data(32, 3)
     out = model(x)
     comp.loss(nn.functional.cross_entropy(out, y), inputs=x, outputs=out)
     assert comp.last_terms["feature"] > 0
@@ -200,7 +189,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_finalize_keeps_only_factors_and_compact_is_noop():
     model, comp, opt = _build(steps=20)
     _train(model, comp, opt, 20)
-    x, _ = _data(64, 9)
+    x, _ = small_data(64, 9)
     with torch.no_grad():
         before = model(x)
     assert comp.compact() == 0

@@ -8,32 +8,21 @@ import math
 import pytest
 import torch
 from torch import nn
+from toy import small_data, small_mlp
 
 from lrcomp.compression.config import CompressionConfig
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods.compressor import Compressor
 from lrcomp.methods.tunecomp import TuneComp, TuneCompOptions, alpha_at
 
-IN, HID, CLASSES = 16, 48, 4
-
-
 # ---------------------------------------------------------------------- helpers (private to this file)
-def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w_true = torch.randn(IN, CLASSES, generator=torch.Generator().manual_seed(1234))
-    x = torch.randn(n, IN, generator=g)
-    return x, (x @ w_true).argmax(1)
-
-
-def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, HID), nn.ReLU(), nn.Linear(HID, CLASSES))
 
 
 @functools.lru_cache(maxsize=1)
 def _pretrained_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = _mlp()
-    x, y = _data(512, 0)
+    model = small_mlp()
+    x, y = small_data(512, 0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for i in range(60):
         xb, yb = x[(i * 64) % 512:][:64], y[(i * 64) % 512:][:64]
@@ -45,13 +34,13 @@ def _pretrained_state() -> dict[str, torch.Tensor]:
 
 def _pretrained() -> nn.Sequential:
     """A small MLP trained briefly on the task (the dense 'pretrained' model to compress); a fresh copy."""
-    model = _mlp()
+    model = small_mlp()
     model.load_state_dict(_pretrained_state())
     return model
 
 
 def _calib():
-    x, _ = _data(256, 11)
+    x, _ = small_data(256, 11)
     return [x[i:i + 64] for i in range(0, 256, 64)]
 
 
@@ -68,7 +57,7 @@ def _build(budget=0.5, steps=100, options=None, **cfg):
 
 
 def _train(model, comp, opt, steps, start=0, log=None):
-    x, y = _data(2048, 1)
+    x, y = small_data(2048, 1)
     for i in range(start, start + steps):
         xb, yb = x[(i * 32) % 2048:][:32], y[(i * 32) % 2048:][:32]
         out = model(xb)
@@ -82,7 +71,7 @@ def _train(model, comp, opt, steps, start=0, log=None):
 
 
 def _accuracy(model) -> float:
-    x, y = _data(1000, 99)
+    x, y = small_data(1000, 99)
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
 
@@ -143,7 +132,7 @@ def test_scales_follow_alpha_and_dense_dropped_at_T(normalize):
 def test_starts_at_dense_model_with_activation_aware_init():
     dense = _pretrained()
     model, comp, _ = _build(budget=0.5, options={"init_rank_multiple": 1.5})
-    x, _ = _data(64, 5)
+    x, _ = small_data(64, 5)
     with torch.no_grad():
         assert torch.allclose(model(x), dense(x), atol=1e-5)  # alpha_0 = 1: the dense branch alone
     # initial student = SVD-LLM (whitened) factorisation; its importance orders the directions
@@ -167,7 +156,7 @@ def test_compaction_keeps_outputs_and_optimizer_state():
     model, comp, opt = _build(budget=0.3, steps=60, options={"pruning_events": 4})
     _train(model, comp, opt, 10)
     method = comp.method
-    x, _ = _data(64, 9)
+    x, _ = small_data(64, 9)
     method.refresh_importance()
     layers = method.lowrank_layers()
     from lrcomp.compression.allocate import importance_keep_mask
@@ -208,7 +197,7 @@ def test_distillation_gradient_nonzero():
     model, comp, opt = _build(steps=50, feature_weight=1.0)
     _train(model, comp, opt, 3)
     assert comp.distill_weight == 1.0 and comp.teacher is not None
-    x, y = _data(32, 3)
+    x, y = small_data(32, 3)
     out = model(x)
     comp.loss(nn.functional.cross_entropy(out, y), inputs=x, outputs=out)
     assert comp.last_terms["kd"] > 0 and comp.last_terms["feature"] > 0
@@ -245,7 +234,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_finalize_early_still_within_budget():
     model, comp, opt = _build(budget=0.3, steps=100)
     _train(model, comp, opt, 5)  # stopped long before the transition and the pruning ended
-    x, _ = _data(64, 4)
+    x, _ = small_data(64, 4)
     final = comp.finalize()
     assert comp.kept_cost() <= 0.3 * comp.total_cost
     with torch.no_grad():

@@ -48,3 +48,27 @@ def train(comp, opt, steps, start=0, seed=1, after_step=None):
         comp.step()
         if after_step is not None:
             after_step(step + 1)
+
+
+# The smaller task of the PC-LoRA and TuneComp tests: 16 inputs, 4 classes, a 16 -> 48 -> 48 -> 4 MLP.
+IN, HID, CLASSES = 16, 48, 4
+
+
+def small_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [n, 16]`` and labels ``[n]`` in 0..3 from a fixed linear boundary."""
+    g = torch.Generator().manual_seed(seed)
+    w_true = torch.randn(IN, CLASSES, generator=torch.Generator().manual_seed(1234))
+    x = torch.randn(n, IN, generator=g)
+    return x, (x @ w_true).argmax(1)
+
+
+def small_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, HID), nn.ReLU(), nn.Linear(HID, CLASSES))
+
+
+def evaluate(model) -> tuple[float, float]:
+    """(cross-entropy, accuracy) of ``model`` on the whole :func:`task`."""
+    X, y = task()
+    with torch.no_grad():
+        out = model(X)
+    return nn.functional.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
