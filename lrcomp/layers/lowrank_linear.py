@@ -274,6 +274,31 @@ class LowRankLinear(nn.Module):
         self.active &= new_active
         return self
 
+    @torch.no_grad()
+    def merge_lora_(self) -> LowRankLinear:
+        """Fold the LoRA branch (and ``lowrank_scale``) into the factors in place and return self.
+
+        After :meth:`compact_`, ``U [N, r] -> [U, B] [N, r+q]``, ``S -> [d, lora_scale] [r+q]``,
+        ``V [r, K] -> [V; A] [r+q, K]``, with ``mask_fn="none"`` and every direction active: the same
+        function (up to rounding) and the same deployed parameter count, ``(r + q) (K + N)``, as
+        :meth:`num_parameters` already counts the LoRA factors. ``U``, ``S``, ``V`` become new trainable
+        parameters (an optimizer holding the old ones must be rebuilt): call it at the end of a run
+        (a saved lrcomp checkpoint holds no LoRA branch).
+        """
+        if self.lora_A is None and self.lowrank_scale == 1.0:
+            return self
+        self.compact_()
+        V, d, U = self._factors()
+        self.U, self.S, self.V = (nn.Parameter(t.detach().clone()) for t in (U, d, V))
+        self.scores = nn.Parameter(torch.ones_like(self.S), requires_grad=False)
+        self.active = torch.ones(self.S.shape[0], dtype=torch.bool, device=self.S.device)
+        self.importance = None
+        self.mask_fn = "none"
+        self.lora_A = self.lora_B = None
+        self.lora_scale = 0.0
+        self.lowrank_scale = 1.0
+        return self
+
     def compact(self) -> LowRankLinear:
         """A new layer holding only the directions with ``d != 0``; same output, same flags."""
         return copy.deepcopy(self).compact_()

@@ -88,6 +88,7 @@ class ACIP(JointMethod):
         self.reservoir: dict[str, dict[int, tuple]] = {}  # pruned directions: index -> (U col, S, V row)
         self.order: list[tuple[str, int, int, float]] = []  # (layer, index, step, score) in pruning order
         self.frozen = False
+        self._check_lora_fits()
         for name in self.comp.targets:
             linear = self.model.get_submodule(name)
             if opts.basis == "svd":
@@ -110,6 +111,20 @@ class ACIP(JointMethod):
         costs = [self.model.get_submodule(n).in_features + self.model.get_submodule(n).out_features
                  for n in self.comp.targets]
         self.cost_weight = {n: c / (sum(costs) / len(costs)) for n, c in zip(self.comp.targets, costs, strict=True)}
+
+    def _check_lora_fits(self) -> None:
+        """Raise before any layer is replaced when the LoRA compensation (counted in the budget) leaves no room
+        for one direction per layer."""
+        lora = self.options.lora_rank
+        if not lora:
+            return
+        shapes = [(m.in_features, m.out_features) for m in map(self.model.get_submodule, self.comp.targets)]
+        floor = sum((min(lora, K, N) + 1) * (K + N) for K, N in shapes)
+        limit = self.comp.config.budget * self.comp.total_cost
+        if floor > limit:
+            raise ValueError(f"budget={self.comp.config.budget:g} cannot be reached with acip option lora_rank={lora}: "
+                             f"the LoRA factors plus one direction per layer keep {floor / self.comp.total_cost:.4f} "
+                             f"of the targeted weights; lower lora_rank (0: no LoRA) or raise the budget")
 
     def trainable_parameters(self):
         scores = [layer.scores for layer in self.lowrank_layers().values()]
@@ -187,7 +202,8 @@ class ACIP(JointMethod):
         pruned ones from the last pruned to the first."""
         alive = []
         for name, layer in self.lowrank_layers().items():
-            alive += [(float(s), name, int(o)) for s, o in zip(layer.scores.tolist(), self.origin[name], strict=True)]
+            scores = layer.scores.tolist()[:len(self.origin[name])]  # past them: LoRA folded in by finalize
+            alive += [(float(s), name, int(o)) for s, o in zip(scores, self.origin[name], strict=True)]
         alive.sort(key=lambda t: -t[0])
         return [(n, o) for _, n, o in alive] + [(n, o) for n, o, _, _ in reversed(self.order)]
 
@@ -203,24 +219,27 @@ class ACIP(JointMethod):
         limit = budget * self.comp.total_cost
         # what the directions do not account for: LoRA factors and layers kept dense
         fixed = self.comp.kept_cost() - sum(
-            layer.active_rank * (layer.in_features + layer.out_features) for layer in layers.values())
+            len(self.origin[n]) * (layer.in_features + layer.out_features) for n, layer in layers.items())
         chosen: dict[str, list[int]] = {n: [] for n in layers}
-        spent = fixed
         alive = {(n, int(o)) for n in layers for o in self.origin[n]}
-        for name, origin in self.ranking():
-            if alive_only and (name, origin) not in alive:
-                continue
+        ranking = [(n, o) for n, o in self.ranking() if not alive_only or (n, o) in alive]
+        # every layer first keeps its best direction (a layer cannot have rank 0), then the ranking fills the rest
+        for name, origin in ranking:
+            if not chosen[name]:
+                chosen[name].append(origin)
+        spent = fixed + sum(layers[n].in_features + layers[n].out_features for n, c in chosen.items() if c)
+        for name, origin in ranking:
             layer = layers[name]
             K, N = layer.in_features, layer.out_features
-            if (len(chosen[name]) + 1) * (K + N) >= K * N:  # never past break-even
+            lora = layer.lora_A.shape[0] if layer.lora_A is not None else layer.rank - len(self.origin[name])
+            if origin in chosen[name] or (len(chosen[name]) + 1 + lora) * (K + N) >= K * N:  # never past break-even
                 continue
             if spent + K + N <= limit:
                 chosen[name].append(origin)
                 spent += K + N
-        empty = [n for n, c in chosen.items() if not c]
-        if empty:
-            raise ValueError(f"budget={budget:g} leaves no direction in {empty[:3]}: it is below what one direction "
-                             f"per layer costs")
+        if spent > limit:
+            raise ValueError(f"budget={budget:g} is below what one direction per layer costs "
+                             f"({spent / self.comp.total_cost:.4f} of the targeted weights with the LoRA factors)")
         return chosen
 
     @torch.no_grad()
@@ -230,10 +249,12 @@ class ACIP(JointMethod):
         for name, keep in chosen.items():
             layer = model.get_submodule(name)
             live = {int(o): i for i, o in enumerate(self.origin[name])}
+            merged = range(len(self.origin[name]), layer.rank)  # LoRA folded in by finalize: always kept
             keep = sorted(keep)
             if all(o in live for o in keep):  # only removals: prune in place (optimizer state follows)
                 mask = torch.zeros(layer.rank, dtype=torch.bool)
                 mask[[live[o] for o in keep]] = True
+                mask[list(merged)] = True
                 if model is self.model:  # the run's own bookkeeping: ranking and reservoir
                     for i in (~mask).nonzero().flatten().tolist():
                         origin = int(self.origin[name][i])
@@ -247,7 +268,8 @@ class ACIP(JointMethod):
             if model is self.model:
                 raise RuntimeError("ACIP can only remove directions from the training model; use materialize()")
             new = copy.deepcopy(layer)
-            rows = [live[o] if o in live else None for o in keep]
+            rows = [live[o] if o in live else None for o in keep] + list(merged)
+            keep = keep + [None] * len(merged)
             U = torch.stack([layer.U[:, r] if r is not None else self.reservoir[name][o][0].to(layer.U)
                              for o, r in zip(keep, rows, strict=True)], 1)
             S = torch.tensor([float(layer.S[r]) if r is not None else self.reservoir[name][o][1]
@@ -269,6 +291,8 @@ class ACIP(JointMethod):
         """
         model = copy.deepcopy(self.model)
         self._apply(self.materialize_ranks(budget), model)
+        for name in self.comp.targets:
+            model.get_submodule(name).merge_lora_()
         return model
 
     def finalize(self) -> nn.Module:
@@ -276,6 +300,8 @@ class ACIP(JointMethod):
             self._apply(self.materialize_ranks(self.comp.config.budget, alive_only=True))
         self._freeze()
         self.comp.compact()
+        for name in self.comp.targets:  # the LoRA compensation becomes q more directions (same cost)
+            self.model.get_submodule(name).merge_lora_()
         return self.model
 
     # ------------------------------------------------------------------ checkpoints

@@ -107,9 +107,29 @@ def test_materialize_gives_the_whole_curve_from_one_run():
         assert cost <= budget * comp.total_cost
         costs.append(cost)
         accs.append(_accuracy(m, X, y))
+        assert all(m.get_submodule(n).lora_A is None for n in ("0", "2"))  # saveable: LoRA folded in
     assert costs == sorted(costs) and costs[-1] > costs[0]
     assert accs[-1] >= accs[0]  # more directions, no worse
     assert model.get_submodule("2").rank == comp.method.lowrank_layers()["2"].rank  # training model untouched
+
+
+def test_finalize_folds_the_lora_into_the_factors():
+    X, _ = task()
+    model = pretrained_mlp(steps=150)
+    comp, _ = _run(model, _config(0.5), 150)
+    comp.method._freeze()
+    comp.compact()
+    with torch.no_grad():
+        before = model(X)
+    lora = {n: comp.method.lowrank_layers()[n].lora_A.shape[0] for n in ("0", "2")}
+    ranks = {n: comp.method.lowrank_layers()[n].rank for n in ("0", "2")}
+    final = comp.finalize()
+    for name in ("0", "2"):
+        layer = final.get_submodule(name)
+        assert layer.lora_A is None and layer.rank == ranks[name] + lora[name]
+    assert comp.kept_cost() <= 0.5 * comp.total_cost
+    with torch.no_grad():
+        torch.testing.assert_close(final(X), before, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -193,3 +213,14 @@ def test_compressor_errors():
         Compressor(model, _config(0.5, method_options={"prune_fraction": 0.0}))
     with pytest.raises(ValueError, match="compress"):
         lrcomp.compress(model, _config(0.5))
+
+
+def test_lora_that_leaves_no_room_is_refused_before_any_change():
+    # The LoRA compensation counts in the budget: with lora_rank at the layers' full rank it alone exceeds it.
+    # This used to pass construction and fail mid-run with "leaves no direction".
+    model = pretrained_mlp(steps=150)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="lora_rank=64"):
+        Compressor(model, _config(0.5, method_options={"lora_rank": 64}))
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
