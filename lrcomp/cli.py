@@ -2,12 +2,14 @@
 
 Subcommands (``lrcomp COMMAND --help`` for each one's options)::
 
-    lrcomp compress MODEL --out DIR      one-shot low-rank compression of a local Hugging Face model folder
+    lrcomp compress MODEL --out DIR      low-rank compression of a local Hugging Face model folder: one-shot,
+                                         or a joint method that fine-tunes while it compresses (--steps N)
     lrcomp export DIR --out DIR2         re-save an lrcomp checkpoint as an ordinary dense one (or as is)
     lrcomp eval DIR [--ppl FILE] [--compare REF] [--tasks T1,T2]
                                          perplexity, embedding cosine to a reference, lm-eval tasks
     lrcomp bench DIR --reference REF     parameters and median forward time against a reference model
-    lrcomp serve DIR                     a small JSON-over-HTTP server: /health, /embed, /generate
+    lrcomp serve DIR                     an OpenAI-compatible server (transformers' serving engine):
+                                         completions for causal LMs, embeddings for encoders
     lrcomp report RESULTS_JSON --out PNG accuracy vs kept parameters from a benchmarks/results/quality*.json
 
 Exit codes: 0 success; 1 runtime failure (one line ``lrcomp: error: ...`` on stderr, the traceback only with
@@ -96,16 +98,31 @@ def _budget(text: str) -> float:
 
 
 def _method(text: str) -> str:
-    if text in JOINT_METHODS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is a joint fine-tune-and-compress method: it compresses while it trains, so it needs a "
-            f"training loop with task data, which the one-shot `lrcomp compress` does not run. Use "
-            f"lrcomp.Compressor in your own loop, lrcomp.integrations.make_trainer with transformers.Trainer, or "
-            f"benchmarks/bench_quality.py; one-shot methods here: {', '.join(ONE_SHOT_METHODS)}")
-    if text not in ONE_SHOT_METHODS:
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; one-shot methods: {', '.join(ONE_SHOT_METHODS)} "
-                                         f"(joint methods, which need training: {', '.join(JOINT_METHODS)})")
+    if text not in ONE_SHOT_METHODS and text not in JOINT_METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; one-shot methods: {', '.join(ONE_SHOT_METHODS)}; "
+                                         f"joint methods (train while they compress, need --steps): "
+                                         f"{', '.join(JOINT_METHODS)}")
     return text
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0.0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -347,13 +364,27 @@ def _target_spec(names: list[str] | None, regex: str | None, default: str | None
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    """``lrcomp compress``: load, calibrate, compress one-shot, print the summary, save checkpoint + report."""
+    """``lrcomp compress``: load, calibrate, compress one-shot, print the summary, save checkpoint + report.
+
+    Joint methods go to :func:`lrcomp.cli_joint.run` (fine-tuning under transformers.Trainer). Both keep
+    what is in flight in ``OUT.lrcomp-work`` (for one-shot: the calibration statistics), so the same
+    command resumes an interrupted run."""
+    if args.method in JOINT_METHODS:
+        from lrcomp import cli_joint
+
+        return cli_joint.run(args)
     import lrcomp
+    from lrcomp.cli_joint import CALIB_FILE, open_work_dir, work_dir
     from lrcomp.integrations.hf import mark_lowrank
     from lrcomp.replace import find_target_linears
 
     folder = _model_dir(args.model, "MODEL")
     out = _check_out_dir(args.out, [folder], args.overwrite)
+    joint_only = [opt for opt, value in (("--steps", args.steps), ("--method-option", args.method_option))
+                  if value is not None]
+    if joint_only:
+        raise UsageError(f"{', '.join(joint_only)}: only for the joint methods ({', '.join(JOINT_METHODS)}); "
+                         f"{args.method} is one-shot")
     device = _device(args.device)
     target = _target_spec(args.target_modules, args.target_regex, "all-linear")
     exclude = _target_spec(args.exclude_modules, args.exclude_regex, None)
@@ -368,6 +399,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UsageError(f"MODEL {args.model!r} is already an lrcomp low-rank checkpoint: compress the dense "
                          f"model it came from (or `lrcomp export --format dense` it first)")
     causal = _is_causal_model(model)
+    work = work_dir(out)
+    settings = {"model": str(folder.resolve()), "method": args.method, "data": args.data, "seed": args.seed,
+                "calib_samples": args.calib_samples, "max_length": args.max_length, "batch_size": args.batch_size,
+                "target": target, "exclude": exclude, "sensitivity": args.sensitivity, "dtype": args.dtype,
+                "auto_class": auto_class.__name__}
     needs_loss = args.method in _GRADIENT_METHODS or args.sensitivity
     if needs_loss and not causal:
         what = f"--method {args.method}" if args.method in _GRADIENT_METHODS else "--sensitivity"
@@ -378,6 +414,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         config = lrcomp.CompressionConfig(
             method=args.method, budget=args.budget, cost=args.cost, allocation=args.allocation,
             target_modules=target, exclude_modules=exclude, min_rank=args.min_rank, sensitivity=args.sensitivity,
+            calib_save_path=str(work / CALIB_FILE),
             # causal LMs: their LM loss gives the statistics a method uses when it can (Fisher, gradient covariance)
             loss_fn=(lambda outputs, batch: outputs.loss) if causal else None)
     except (ValueError, TypeError) as err:
@@ -390,6 +427,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                      model.get_submodule(name).bias is not None) for name in targets}
     params_before = _deployed_params(model)
     batches = _calibration_batches(tokenizer, texts, args.batch_size, args.max_length, causal)
+    if open_work_dir(work, settings, args.restart) and (work / CALIB_FILE).is_file():
+        _log(f"resuming the interrupted calibration from {work / CALIB_FILE}")
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
     _log(f"{len(targets)} target layers; calibrating on {len(texts)} texts ({tokens} tokens, {len(batches)} "
          f"batches), then {args.method} at budget {args.budget:g} ({args.allocation}, {args.cost})")
@@ -450,6 +489,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         tokenizer.save_pretrained(str(tmp))
         report["wall_s"] = round(time.perf_counter() - started, 3)
         _write_json(tmp / REPORT_NAME, report)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"saved to {out} (load it with transformers' {auto_class.__name__}.from_pretrained after `import lrcomp`; "
           f"report: {out / REPORT_NAME})")
     return EXIT_OK
@@ -717,112 +757,54 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- serve
 def make_server(args: argparse.Namespace):
-    """The HTTP server of ``lrcomp serve`` (not started): a ``http.server.HTTPServer`` on (host, port).
+    """The server of ``lrcomp serve``, built but not started: a :class:`lrcomp.serving.LocalServer`.
 
-    Endpoints (JSON in, JSON out; one request at a time):
-
-    - ``GET /health``: ``{"status": "ok", "model", "architecture", "causal_lm", "lowrank_layers"}``
-    - ``POST /embed`` ``{"texts": [n strings]}``: ``{"embeddings": [n][H]}``, mean-pooled, unit norm
-      (:func:`lrcomp.models.embed` on the base model)
-    - ``POST /generate`` ``{"prompt": str, "max_new_tokens": int (32)}`` (causal LMs): greedy
-      ``{"text": continuation, "tokens": generated count}``
-    """
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    from lrcomp.models import embed
-
+    That is transformers' own OpenAI-compatible serving app (``transformers serve``'s FastAPI routes, model
+    manager and generation threads) for DIR, loaded now with lrcomp's quantizer registered, plus
+    ``POST /v1/embeddings`` for encoders (:mod:`lrcomp.serving`), under uvicorn on a socket already bound to
+    ``--host``/``--port`` (0: a free port; ``server.port`` says which)."""
     folder = _model_dir(args.dir, "DIR")
-    device = _device(args.device)
-    model = _load_model(folder, _auto_class(args.auto_class, folder), args.dtype, device)
-    tokenizer = _load_tokenizer(folder, pad=True)
-    causal = _is_causal_model(model)
-    base = getattr(model, "base_model", model)
-    info = {"status": "ok", "model": str(folder), "architecture": type(model).__name__, "causal_lm": causal,
-            "lowrank_layers": len(_lowrank_layers(model))}
-    max_texts = args.max_batch
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = f"{PROG}/serve"
-
-        def log_message(self, fmt, *log_args):  # one line per request on stderr, unless --quiet
-            if not args.quiet:
-                sys.stderr.write(f"{PROG} serve: {self.address_string()} {fmt % log_args}\n")
-
-        def _send(self, status: int, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _body(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
-            payload = json.loads(self.rfile.read(length) or b"{}")
-            if not isinstance(payload, dict):
-                raise ValueError("the request body must be a JSON object")
-            return payload
-
-        def do_GET(self):  # noqa: N802 (http.server's naming)
-            if self.path.rstrip("/") == "/health":
-                self._send(200, info)
-            else:
-                self._send(404, {"error": f"unknown path {self.path!r}: GET /health, POST /embed, POST /generate"})
-
-        def do_POST(self):  # noqa: N802
-            try:
-                payload = self._body()
-                if self.path.rstrip("/") == "/embed":
-                    texts = payload.get("texts")
-                    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-                        raise ValueError('"texts" must be a non-empty list of strings')
-                    if len(texts) > max_texts:
-                        raise ValueError(f'at most {max_texts} texts per request (--max-batch)')
-                    vectors = embed(base, tokenizer, texts, max_length=args.max_length)  # [n, H]
-                    self._send(200, {"embeddings": vectors.cpu().tolist(), "dim": vectors.shape[1]})
-                elif self.path.rstrip("/") == "/generate":
-                    if not causal:
-                        raise ValueError(f"/generate needs a causal LM; this is a {type(model).__name__}")
-                    prompt, new = payload.get("prompt"), payload.get("max_new_tokens", 32)
-                    if not isinstance(prompt, str) or not prompt:
-                        raise ValueError('"prompt" must be a non-empty string')
-                    if isinstance(new, bool) or not isinstance(new, int) or not 1 <= new <= args.max_new_tokens:
-                        raise ValueError(f'"max_new_tokens" must be an int in [1, {args.max_new_tokens}]')
-                    enc = tokenizer(prompt, return_tensors="pt").to(device)  # input_ids [1, T]
-                    enc.pop("token_type_ids", None)
-                    with torch.inference_mode():
-                        out = model.generate(**enc, max_new_tokens=new, do_sample=False,
-                                             pad_token_id=tokenizer.pad_token_id)  # [1, T + new']
-                    generated = out[0, enc["input_ids"].shape[1]:]
-                    self._send(200, {"text": tokenizer.decode(generated, skip_special_tokens=True),
-                                     "tokens": int(generated.numel())})
-                else:
-                    self._send(404, {"error": f"unknown path {self.path!r}: POST /embed or /generate"})
-            except (ValueError, TypeError) as err:
-                self._send(400, {"error": _one_line(err)})
-            except Exception as err:  # keep serving; report the failure to the client
-                self._send(500, {"error": f"{type(err).__name__}: {_one_line(err)}"})
-
     try:
-        server = HTTPServer((args.host, args.port), Handler)
+        from lrcomp import serving
+
+        serving.check_serving_available()
+    except ImportError as err:
+        raise CLIError(_one_line(err)) from err
+    try:
+        name = serving.served_name(args.dir, args.served_model_name)
+    except serving.OptionError as err:
+        raise UsageError(_one_line(err)) from err
+    device = _device(args.device)
+    _transformers()  # quiet transformers' per-request log lines (uvicorn logs the requests)
+    try:
+        sock = serving.listen_socket(args.host, args.port)
     except OSError as err:
-        raise CLIError(f"cannot listen on {args.host}:{args.port}: {err}") from err
-    server.lrcomp_info = info
-    return server
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {_one_line(err)}") from err
+    try:
+        app, info = serving.build_app(folder, served_model_name=name, device=str(device), dtype=args.dtype,
+                                      compile=args.compile, max_length=args.max_length, batch_size=args.batch_size)
+    except serving.OptionError as err:
+        sock.close()
+        raise UsageError(_one_line(err)) from err
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        sock.close()
+        raise CLIError(f"could not serve {str(folder)!r}: {_one_line(err)}") from err
+    except BaseException:
+        sock.close()
+        raise
+    return serving.LocalServer(app, info, sock, quiet=args.quiet)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """``lrcomp serve``: serve DIR over HTTP until interrupted (Ctrl-C: exit 0)."""
+    """``lrcomp serve``: serve DIR until interrupted (Ctrl-C: exit 0); the URL goes to stdout."""
     server = make_server(args)
-    host, port = server.server_address[:2]
-    _log(f"serving {server.lrcomp_info['architecture']} from {args.dir} on http://{host}:{port} "
-         f"(GET /health, POST /embed" + (", POST /generate)" if server.lrcomp_info["causal_lm"] else ")"))
+    _log(server.describe())
+    print(server.url, flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        _log("stopped")
-    finally:
-        server.server_close()
+        server.run()
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on SIGINT, then re-raises it
+        pass
+    _log("stopped")
     return EXIT_OK
 
 
@@ -920,7 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
     # compress
     p = sub.add_parser(
         "compress", formatter_class=_Formatter, epilog=EXIT_CODES_HELP,
-        help="one-shot low-rank compression of a local Hugging Face model",
+        help="low-rank compression of a local Hugging Face model (one-shot, or fine-tune and compress)",
         description="Load a local Hugging Face model folder, calibrate on --data texts (tokenized with the model's "
                     "tokenizer), compress every targeted nn.Linear one-shot (lrcomp.compress), print the per-layer "
                     "summary, and save an lrcomp checkpoint to --out (AutoModel*.from_pretrained reloads it after "
@@ -928,13 +910,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "and after, ranks).\n\nThe budget counts the weight entries (or FLOPs) of the targeted layers: "
                     "r (K + N) kept against K N; biases are not counted. Causal LMs calibrate with their LM loss "
                     "too (gradient statistics for fwsvd, sparsity_aware, jactus_union, --sensitivity).\n\n"
-                    f"Joint methods ({', '.join(JOINT_METHODS)}) train while they compress: use lrcomp.Compressor, "
-                    "lrcomp.integrations.make_trainer or benchmarks/bench_quality.py for them.")
+                    f"Joint methods ({', '.join(JOINT_METHODS)}) fine-tune while they compress (give --steps): "
+                    "--task lm trains causal LMs on the --data texts with their LM loss; --task classification "
+                    "loads AutoModelForSequenceClassification with a new head over the labels of --data (CSV/JSONL "
+                    "column label, or the category of each fortune file) and reports held-out accuracy. They run "
+                    "under transformers.Trainer (lrcomp.integrations.LowRankTrainer).\n\n"
+                    "Interrupted runs resume: what is in flight (run settings, calibration statistics, Trainer "
+                    "checkpoints every --save-steps) lives in OUT.lrcomp-work; run the same command again to "
+                    "continue, or pass --restart to discard it. It is removed when OUT is written.")
     p.add_argument("model", metavar="MODEL", help="local Hugging Face model folder (config.json, weights, tokenizer)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be absent or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--method", type=_method, default="svd_llm",
-                   help=f"one-shot factorisation: {', '.join(ONE_SHOT_METHODS)}")
+                   help=f"one-shot factorisation ({', '.join(ONE_SHOT_METHODS)}) or joint method "
+                        f"({', '.join(JOINT_METHODS)})")
     p.add_argument("--budget", type=_budget, default=0.5,
                    help="fraction in (0, 1] of the targeted layers' parameters (or FLOPs) to keep")
     p.add_argument("--cost", choices=("params", "flops"), default="params", help="what the budget counts")
@@ -959,7 +948,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-modules", nargs="+", default=None, metavar="NAME",
                    help="module names (suffix match) to leave alone")
     p.add_argument("--exclude-regex", default=None, metavar="REGEX", help="a regex of module names to leave alone")
-    _common(p, dtype="float32")
+    p.add_argument("--restart", action="store_true", help="discard an interrupted run in OUT.lrcomp-work")
+    joint = p.add_argument_group("joint methods (fine-tune and compress)")
+    joint.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (required)")
+    joint.add_argument("--task", choices=("auto", "lm", "classification"), default="auto",
+                       help="auto: lm for causal LMs, else classification")
+    joint.add_argument("--lr", type=_positive_float, default=5e-4, help="peak learning rate (linear warm-up, decay)")
+    joint.add_argument("--train-batch-size", type=_positive_int, default=16, help="texts per optimizer step")
+    joint.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
+    joint.add_argument("--train-samples", type=_positive_int, default=None, help="use at most this many texts")
+    joint.add_argument("--eval-fraction", type=_fraction, default=0.1, help="texts held out for the final metric")
+    joint.add_argument("--save-steps", type=_positive_int, default=100, help="checkpoint every N steps (resume)")
+    joint.add_argument("--method-option", action="append", default=None, metavar="KEY=VALUE",
+                       help="a method option of lrcomp.CompressionConfig.method_options (value read as JSON), "
+                            "e.g. basis=svd_llm; repeat for several")
+    _common(p, dtype="float32", auto_class=True)
     p.set_defaults(func=cmd_compress)
 
     # export
@@ -1028,19 +1031,30 @@ def build_parser() -> argparse.ArgumentParser:
     # serve
     p = sub.add_parser(
         "serve", formatter_class=_Formatter, epilog=EXIT_CODES_HELP,
-        help="serve a model over HTTP (JSON): /health, /embed, /generate",
-        description="A small single-process JSON server for trying a model out (one request at a time; not a "
-                    "production server). GET /health; POST /embed {\"texts\": [...]} -> {\"embeddings\": [[...]]} "
-                    "(mean-pooled, unit norm); POST /generate {\"prompt\": \"...\", \"max_new_tokens\": 32} -> "
-                    "{\"text\": ...} (causal LMs, greedy). Ctrl-C stops it.")
+        help="an OpenAI-compatible HTTP server (transformers' serving engine) for a model folder",
+        description="Serve DIR with transformers' own OpenAI-compatible server (the app of `transformers serve`: "
+                    "FastAPI under uvicorn), lrcomp's quantizer registered, so an lrcomp checkpoint runs with its "
+                    "low-rank layers. The model loads before the server listens; the URL is printed on stdout "
+                    "(--port 0 picks a free port). Ctrl-C stops it (needs `pip install 'lrcomp[serve]'`).\n\n"
+                    "Causal LMs: POST /v1/completions, and POST /v1/chat/completions and /v1/responses when the "
+                    "tokenizer has a chat template (\"temperature\": 0 for greedy decoding). Other models "
+                    "(encoders): POST /v1/embeddings {\"input\": str or [str], \"encoding_format\": \"float\" or "
+                    "\"base64\", \"normalize\": true}: mean-pooled last hidden states (the pooling of `lrcomp eval "
+                    "--compare`), L2-normalised unless normalize is false. All: GET /v1/models, GET /health. "
+                    "Requests name the model by --served-model-name or leave \"model\" out.")
     p.add_argument("dir", metavar="DIR", help="model folder (an lrcomp checkpoint or an ordinary one)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=_non_negative_int, default=8000, help="port (0: any free port)")
-    p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per /embed text")
-    p.add_argument("--max-batch", type=_positive_int, default=64, help="texts per /embed request")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="largest max_new_tokens of /generate")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
+    p.add_argument("--port", type=_non_negative_int, default=8000, help="port (0: any free port, printed)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients send as \"model\" and /v1/models lists (default: DIR as given)")
+    p.add_argument("--compile", action="store_true",
+                   help="transformers serve's --compile for generation: a static KV cache, and on CUDA a compiled "
+                        "decode step (on the CPU only the static cache)")
+    p.add_argument("--max-length", type=_positive_int, default=None,
+                   help="tokens per /v1/embeddings input, truncated (default: the model's positions)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="/v1/embeddings inputs per forward")
     p.add_argument("--quiet", action="store_true", help="no log line per request")
-    _common(p)
+    _common(p, auto_class=False)
     p.set_defaults(func=cmd_serve)
 
     # report

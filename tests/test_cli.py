@@ -16,9 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -295,37 +292,6 @@ def test_report_writes_png(tmp_path, capsys):
     assert "2 methods" in printed
 
 
-# ---------------------------------------------------------------------------------------------- serve
-def test_serve_health_and_embed(workdir):
-    args = cli.build_parser().parse_args(["serve", str(workdir / "bert"), "--port", "0", "--quiet",
-                                          "--device", "cpu"])
-    server = cli.make_server(args)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-
-    def post(path: str, body: dict) -> tuple[int, dict]:
-        request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=60) as response:
-            assert json.loads(response.read())["architecture"] == "BertModel"
-        status, body = post("/embed", {"texts": SENTENCES[:3]})
-        assert status == 200 and len(body["embeddings"]) == 3 and body["dim"] == 32
-        assert all(abs(sum(v * v for v in e) - 1) < 1e-4 for e in body["embeddings"])
-        assert post("/embed", {"texts": []})[0] == 400
-        assert post("/generate", {"prompt": "hi"})[0] == 400  # not a causal LM
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 # ---------------------------------------------------------------------------------------------- errors
 def test_missing_model_dir_exits_3(workdir, capsys):
     code, _, err = run(["compress", workdir / "no_such_model", "--out", workdir / "x"], capsys)
@@ -341,13 +307,6 @@ def test_missing_data_file_exits_3(workdir, capsys):
 def test_bad_budget_exits_2(workdir, capsys, budget):
     code, _, err = run(["compress", workdir / "bert", "--out", workdir / "x", "--budget", budget], capsys)
     assert code == 2 and "argument --budget" in err and "(0, 1]" in err
-
-
-def test_joint_method_exits_2_with_explanation(workdir, capsys):
-    code, _, err = run(["compress", workdir / "bert", "--out", workdir / "x", "--method", "acip"], capsys)
-    assert code == 2 and "argument --method" in err
-    assert "training loop" in err and "lrcomp.Compressor" in err and "make_trainer" in err
-    assert "bench_quality.py" in err
 
 
 def test_unknown_method_lists_known(workdir, capsys):
