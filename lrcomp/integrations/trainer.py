@@ -120,6 +120,15 @@ class LowRankCallback(TrainerCallback):
         self._attached: torch.optim.Optimizer | None = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        from lrcomp import distributed as dist_utils
+
+        if dist_utils.world_size() > 1:
+            # Trainer (accelerate) wraps the model in DDP / FSDP once, before training; the joint methods
+            # change parameter shapes mid-run (compaction, factorisation), which leaves that wrapper stale.
+            raise RuntimeError(f"LowRankCallback: the Trainer path runs in one process only; this run has "
+                               f"{dist_utils.world_size()} processes. Under torchrun, train with lrcomp.Compressor "
+                               f"in a plain loop: comp.wrap_ddp() (or comp.wrap_fsdp()) rebuilds the wrapper "
+                               f"whenever comp.step() changes the structure (see lrcomp.methods.compressor)")
         if self.require_loss and not self.loss_wired:
             raise RuntimeError("LowRankCallback: the Trainer does not route its loss through compressor.loss(...), so "
                                "the method's penalties and distillation would be missing. Use "

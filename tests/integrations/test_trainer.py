@@ -195,6 +195,19 @@ def test_plain_trainer_is_refused(tmp_path):
     assert comp.num_steps == 0
 
 
+def test_several_processes_are_refused_before_step_1(tmp_path, monkeypatch):
+    """Under torchrun the Trainer's DDP/FSDP wrapper would go stale at the first compaction: refused up front."""
+    from lrcomp import distributed as dist_utils
+
+    monkeypatch.setattr(dist_utils, "world_size", lambda: 2)
+    model = TinyClassifier()
+    comp = StubCompressor(model, BUDGET)
+    trainer = make_trainer(model, comp, training_args(tmp_path), ToyDataset())
+    with pytest.raises(RuntimeError, match="one process only.*wrap_ddp"):
+        trainer.train()
+    assert comp.num_steps == 0
+
+
 def test_bad_arguments(tmp_path):
     model = TinyClassifier()
     with pytest.raises(TypeError, match="lacks"):
