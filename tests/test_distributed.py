@@ -1,4 +1,5 @@
-"""Calibration and joint training under torch.distributed (2 gloo processes on the CPU, DDP) equal one process.
+"""Calibration and joint training under torch.distributed (2 gloo processes on the CPU, DDP and FSDP2) equal
+one process.
 
 One spawn of 2 ranks (module fixture) runs every distributed scenario and saves its results; the tests
 compare them with single-process runs in the pytest process. Each rank gets a disjoint half of the data:
@@ -12,6 +13,12 @@ exactly); on every rank they are the same bits. Trained parameters agree with th
 its movement / first-order scores are fp32 buffers by design (averaged over the ranks in fp32: ~1e-8
 apart) and the sparsity-aware SVD at the boundary turns them into the factors (observed ~2e-7). The two
 ranks agree bitwise, and a resumed run bitwise with the uninterrupted one.
+
+FSDP2 (``comp.wrap_fsdp``; FSDP reduce-scatters the averaged gradient, so the same single-process run is
+the reference, with the same tolerances): ACIP with one FSDP group (the root: its penalty reads the scores
+after the forward), LPAF with the targeted layers as their own groups (resharded after forward), both
+with a checkpoint and a resumed run. Calibration of a model sharded with ``fully_shard`` gives the
+statistics of the plain model.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from lrcomp.layers import LowRankLinear  # noqa: E402
 
 WORLD = 2
 STEPS = 24
+FSDP_UNITS = {"acip": None, "lpaf": ["0", "2"]}  # root only (ACIP's penalty) / the targeted layers as groups
 CKPT_AT = 9  # LPAF's boundary is step 12: the resumed run factors its layers; ACIP has pruned already
 STATS = ("input_cov", "grad_cov", "input_abs_mean", "fisher")
 ATOL = {"acip": 1e-12, "lpaf": 1e-6}
@@ -106,27 +114,41 @@ def _ranks(comp):
 
 
 def _snapshot(comp, changed):
-    return {"ranks": _ranks(comp), "changed": changed,
-            "state": {k: v.detach().clone() for k, v in comp.model.state_dict().items()}}
+    return {"ranks": _ranks(comp), "changed": changed, "kept": comp.kept_cost(),
+            "state": {k: v.detach().clone() for k, v in _full_state(comp.model).items()}}
 
 
-def _joint(method, rank, world, ckpt=None, resume=False):
+def _full_state(model):
+    """The state dict with FSDP's DTensor shards gathered (a collective under FSDP)."""
+    return {k: v.full_tensor() if dist_utils.is_dtensor(v) else v for k, v in model.state_dict().items()}
+
+
+def _joint(method, rank, world, ckpt=None, resume=False, wrap="ddp"):
     comp, opt = _build(method)
     start = 0
-    if world > 1:
+    if world > 1 and wrap == "ddp":
         comp.wrap_ddp()
+    elif world > 1:
+        comp.wrap_fsdp(units=FSDP_UNITS[method])
     if resume:
         comp.load_checkpoint(ckpt)
         start = comp.step_count
     changed = _train(comp, opt, start, STEPS, rank, world, ckpt=None if resume else ckpt)
     before = _snapshot(comp, changed)
+    out = {"train": before}
+    if method == "acip":  # another size from the same run (under FSDP: a plain copy, the model re-sharded)
+        small = comp.materialize(0.4)
+        out["materialized"] = {"ranks": {n: small.get_submodule(n).rank for n in comp.targets}, "changed": changed,
+                               "kept": None, "state": {k: v.detach().clone() for k, v in small.state_dict().items()}}
     comp.finalize()
-    return {"train": before, "final": _snapshot(comp, changed)}
+    out["final"] = _snapshot(comp, changed)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- workers
 def _worker(rank: int, out_dir: str) -> None:
     out = Path(out_dir)
+    torch.set_num_threads(1)  # two processes on a shared CPU: more intra-op threads only contend
     dist.init_process_group("gloo", init_method=f"file://{out / 'pg'}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     writes: list[str] = []
@@ -155,11 +177,37 @@ def _worker(rank: int, out_dir: str) -> None:
             ckpt = str(out / f"{method}.ckpt.safetensors")
             results[method] = _joint(method, rank, WORLD, ckpt=ckpt)
             results[f"{method}_resumed"] = _joint(method, rank, WORLD, ckpt=ckpt, resume=True)
+        _fsdp_scenarios(results, rank, out)
         results["writes"] = writes
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         atomic.save_safetensors = original
         dist.destroy_process_group()
+
+
+def _fsdp_scenarios(results, rank, out):
+    from torch.distributed.fsdp import fully_shard
+
+    # calibration of a sharded model (one FSDP group; target selection leaves an nn.Linear that is itself an
+    # FSDP group alone, as any nn.Linear subclass): the hooks see the full activations of the local batch
+    model = fully_shard(pretrained_mlp(steps=60))
+    stats = lrcomp.calibrate(model, _calib_batches()[rank::WORLD], stats=STATS, loss_fn=_loss_fn, progress=False)
+    results["fsdp_calib"] = {n: dict(stats[n]) for n in stats}
+    results["fsdp_calib_counts"] = {n: (stats.count(n), stats.num_batches(n)) for n in stats}
+    errors = {}
+    for key, call in (("sharded", lambda c: c.wrap_fsdp()), ("penalty", lambda c: c.wrap_fsdp(units=["0", "2"]))):
+        comp, _ = _build("acip")
+        if key == "sharded":
+            fully_shard(comp.model)
+        try:
+            call(comp)
+        except ValueError as err:
+            errors[key] = str(err)
+    results["fsdp_errors"] = errors
+    for method in ("acip", "lpaf"):
+        ckpt = str(out / f"fsdp_{method}.ckpt.safetensors")
+        results[f"fsdp_{method}"] = _joint(method, rank, WORLD, ckpt=ckpt, wrap="fsdp")
+        results[f"fsdp_{method}_resumed"] = _joint(method, rank, WORLD, ckpt=ckpt, resume=True, wrap="fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -206,19 +254,27 @@ def test_calibrate_on_two_ranks_equals_one_process_on_all_batches(ranks_out):
                 assert torch.equal(res["calib_resumed"][name][stat], res["calib"][name][stat])
 
 
+@pytest.fixture(scope="module")
+def single_runs():
+    return {method: _joint(method, 0, 1) for method in ("acip", "lpaf")}
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
 @pytest.mark.parametrize("method", ["acip", "lpaf"])
-def test_ddp_run_equals_single_process_run(ranks_out, method):
+def test_distributed_run_equals_single_process_run(ranks_out, single_runs, method, wrap):
     _, results = ranks_out
-    single = _joint(method, 0, 1)
-    for key in ("train", "final"):
+    single = single_runs[method]
+    run = method if wrap == "ddp" else f"fsdp_{method}"
+    for key in ("train", "materialized", "final") if method == "acip" else ("train", "final"):
         ref = single[key]
         for res in results:
-            got = res[method][key]
-            assert got["ranks"] == results[0][method][key]["ranks"] == ref["ranks"]
+            got = res[run][key]
+            assert got["ranks"] == results[0][run][key]["ranks"] == ref["ranks"]
             assert got["changed"] == ref["changed"]
+            assert got["kept"] == ref["kept"]
             assert list(got["state"]) == list(ref["state"])
             for name, value in ref["state"].items():
-                assert torch.equal(got["state"][name], results[0][method][key]["state"][name]), name  # bitwise
+                assert torch.equal(got["state"][name], results[0][run][key]["state"][name]), name  # bitwise
                 if value.is_floating_point():
                     torch.testing.assert_close(got["state"][name], value, rtol=0, atol=ATOL[method], msg=name)
                 else:
@@ -228,16 +284,40 @@ def test_ddp_run_equals_single_process_run(ranks_out, method):
     assert any(r != "dense" for r in single["final"]["ranks"].values())
 
 
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
 @pytest.mark.parametrize("method", ["acip", "lpaf"])
-def test_checkpoint_written_once_and_resume_on_two_ranks_equals_uninterrupted(ranks_out, method):
+def test_checkpoint_written_once_and_resume_on_two_ranks_equals_uninterrupted(ranks_out, method, wrap):
     out, results = ranks_out
-    assert (out / f"{method}.ckpt.safetensors").is_file()
+    run = method if wrap == "ddp" else f"fsdp_{method}"
+    assert (out / f"{run}.ckpt.safetensors").is_file()
     assert results[1]["writes"] == []  # rank 1 never writes
-    assert results[0]["writes"].count(f"{method}.ckpt.safetensors") == 1
+    assert results[0]["writes"].count(f"{run}.ckpt.safetensors") == 1
     assert results[0]["writes"].count("calib.safetensors") == 2  # one write per group (3 layers, group_size 2)
     for res in results:
         for key in ("train", "final"):
-            got, ref = res[f"{method}_resumed"][key], res[method][key]
+            got, ref = res[f"{run}_resumed"][key], res[run][key]
             assert got["ranks"] == ref["ranks"]
             for name, value in ref["state"].items():
                 assert torch.equal(got["state"][name], value), name
+
+
+def test_calibrate_a_fsdp_sharded_model_on_two_ranks_equals_one_process(ranks_out):
+    _, results = ranks_out
+    single = lrcomp.calibrate(pretrained_mlp(steps=60), _calib_batches(), stats=STATS, loss_fn=_loss_fn,
+                              progress=False)
+    for res in results:
+        assert list(res["fsdp_calib"]) == list(single)
+        for name in single:
+            assert res["fsdp_calib_counts"][name] == (single.count(name), single.num_batches(name))
+            for stat in STATS:
+                torch.testing.assert_close(res["fsdp_calib"][name][stat], single[name][stat], rtol=1e-12, atol=1e-12)
+                assert torch.equal(res["fsdp_calib"][name][stat], results[0]["fsdp_calib"][name][stat])
+
+
+def test_wrap_fsdp_refuses_what_it_cannot_follow(ranks_out):
+    _, results = ranks_out
+    for res in results:
+        assert "plain model" in res["fsdp_errors"]["sharded"]  # the Compressor must own the sharding
+        assert "reshard_after_forward=False" in res["fsdp_errors"]["penalty"]  # ACIP's scores after the forward
+    with pytest.raises(RuntimeError, match="initialised"):
+        _build("lpaf")[0].wrap_fsdp()

@@ -53,10 +53,39 @@ movement / first-order scores) are averaged over the ranks before they are used.
 With the global batch split evenly over the ranks (per-rank loss = the mean over the local part), DDP's
 averaged gradient is the single-process gradient of the full batch, so a DDP run follows the
 single-process run up to floating-point summation order.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``: parameters, gradients and optimizer state sharded
+over the ranks)::
+
+    comp = lrcomp.Compressor(model, config, calib_data=my_shard)  # the PLAIN model, as for DDP
+    opt = torch.optim.AdamW(comp.parameters(), lr=...); comp.attach(opt)
+    comp.wrap_fsdp(units=[f"encoder.layer.{i}" for i in range(12)])  # fully_shard each unit, then the root,
+                                                                  # IN PLACE: comp.model (= model) is sharded
+    for batch in my_loader:
+        out = comp.model(batch["x"])
+        loss = comp.loss(task_loss(out, batch), inputs=batch["x"], outputs=out)
+        loss.backward(); opt.step(); opt.zero_grad()              # FSDP reduce-scatters (averages) gradients
+        comp.step()                                               # on every rank (collective)
+    model = comp.finalize()                                       # on every rank; a plain, full model
+
+FSDP2 shards the model in place and cannot follow a structure change, and torch has no inverse of
+``fully_shard``. The design (the simplest that keeps the shards between steps): :meth:`step` all-gathers
+the parameters into the model as plain full Parameters (the same bits on every rank) and re-keys the
+optimizer to them, its state staying sharded; the method's hook runs on that ordinary module (every
+decision from identical data, as under DDP). If the structure did not change, the values are written
+back into the same shards (no communication, same Parameter objects); if it did, FSDP is removed from the
+model (:func:`lrcomp.distributed.strip_fsdp_`) and ``fully_shard`` applied again with the same
+arguments (:meth:`_rebuild_wrapper`, the path DDP's rebuild takes); the optimizer you attached is re-keyed
+to the new sharded Parameters, state of an unchanged layout kept, state that compaction sliced gathered
+and split again. Costs per :meth:`step`: one all-gather of the parameters and one full copy of them on
+every rank while the hook runs; at a structure change also ``fully_shard``. Checkpoints gather the
+optimizer state too (rank 0 writes one full file, as under DDP). Only an optimizer given to
+:meth:`attach` follows; anything else holding the model's Parameters goes stale when the structure changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 from collections.abc import Iterable
@@ -119,6 +148,9 @@ class Compressor:
     for a wrapper of your own. ``step``, ``save_checkpoint`` (rank 0 writes), ``load_checkpoint`` and
     ``finalize`` are collective. See the module docstring for the loop and the design.
 
+    Distributed (FSDP2): the same, with :meth:`wrap_fsdp` instead, which shards :attr:`model` in place
+    (train through ``comp.model``); ``compact`` and ``materialize`` are collective too.
+
     Raises:
         ValueError: unknown method (the message lists them), total_steps <= 0, no targeted layer
             (the message lists the linear layers), a budget that the targeted layers cannot
@@ -158,6 +190,9 @@ class Compressor:
         self.optimizer: torch.optim.Optimizer | None = None
         self.ddp_model: nn.Module | None = None  # the DistributedDataParallel wrapper made by wrap_ddp
         self._ddp_kwargs: dict[str, Any] | None = None
+        self._fsdp: dict[str, Any] | None = None  # wrap_fsdp's units and fully_shard arguments
+        self._full: dist_utils.FullParameters | None = None  # set while an FSDP model holds full parameters
+        self._kept_cost: int | None = None  # kept_cost() as of the last time the FSDP model was full
         self.step_count = 0
         self.last_terms: dict[str, float] = {}
         self._checked_teacher = False
@@ -208,6 +243,10 @@ class Compressor:
         total = task_loss
         terms = {"task": float(task_loss.detach())}
         penalty = self.method.penalty()
+        if penalty is not None and self._fsdp is not None and dist_utils.is_dtensor(penalty):
+            raise RuntimeError(f"method {self.config.method!r} computes its penalty from parameters that are sharded "
+                               f"now: call comp.loss() right after the forward of comp.model, with the FSDP units "
+                               f"that hold targeted layers kept unsharded after forward (reshard_after_forward=False)")
         if penalty is not None:
             total = total + penalty
             terms["penalty"] = float(penalty.detach())
@@ -244,31 +283,135 @@ class Compressor:
         """
         if not dist_utils.is_distributed():
             raise RuntimeError("wrap_ddp needs torch.distributed to be initialised (init_process_group)")
+        if self._fsdp is not None:
+            raise RuntimeError("the model is sharded by wrap_fsdp already: use one of wrap_ddp and wrap_fsdp")
         self._ddp_kwargs = dict(ddp_kwargs)
-        self._rebuild_ddp()
+        self._build_ddp()
         return self.ddp_model
 
-    def _rebuild_ddp(self) -> None:
+    def _build_ddp(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         self.ddp_model = None  # release the old wrapper (its reducer) before building the new one
         self.ddp_model = DistributedDataParallel(self.model, **self._ddp_kwargs)
+
+    def wrap_fsdp(self, units=None, **fsdp_kwargs) -> nn.Module:
+        """Shard :attr:`model` in place with FSDP2: ``fully_shard`` on each of ``units`` (deepest first), then
+        on the root, each with ``fsdp_kwargs`` (``mesh``, ``reshard_after_forward``, ``mp_policy``, ...).
+        :meth:`step` applies it again whenever the structure changes (see the module docstring). Train
+        through ``comp.model`` (the same object: FSDP2 has no wrapper). Returns it.
+
+        Args:
+            units: the submodules that form their own FSDP groups (e.g. the transformer blocks): names,
+                a predicate ``(name, module) -> bool`` evaluated on the current structure at every
+                re-shard, or None (one group, the root; its parameters stay unsharded from the forward to
+                the end of the backward).
+            fsdp_kwargs: for ``fully_shard``; without ``mesh``, ``fully_shard``'s default (a 1-D mesh over the
+                default group, on the accelerator if there is one, else the CPU) is made once and reused.
+
+        Call it after the Compressor is built (the layers are replaced and calibrated then, on the plain
+        model) and before or after :meth:`attach` (an attached optimizer is re-keyed to the shards; else build
+        it from :meth:`parameters` now, which returns the sharded Parameters). The teacher is not sharded.
+        Between steps the parameters are DTensor shards: :meth:`kept_cost` then reports the value of the last
+        :meth:`step`, and :meth:`loss` needs the targeted layers' parameters unsharded when the method has a
+        penalty (ACIP's scores): ``units=None`` or ``reshard_after_forward=False``.
+
+        Raises:
+            RuntimeError: no process group, or the model is wrapped by :meth:`wrap_ddp` already.
+            ValueError: the model is sharded already (pass the plain model: the Compressor must own the
+                sharding to apply it again), a unit that does not exist, a penalty with parameters
+                resharded after forward.
+        """
+        if not dist_utils.is_distributed():
+            raise RuntimeError("wrap_fsdp needs torch.distributed to be initialised (init_process_group)")
+        if self._ddp_kwargs is not None or self._fsdp is not None:
+            raise RuntimeError("the model is wrapped already (wrap_ddp or wrap_fsdp): wrap it once")
+        if dist_utils.is_fsdp(self.model):
+            raise ValueError("the model is sharded by fully_shard already: give the Compressor the plain model and "
+                             "let comp.wrap_fsdp(units, **kwargs) shard it (it must re-apply the sharding after "
+                             "every structure change)")
+        reshard = fsdp_kwargs.get("reshard_after_forward")
+        if type(self.method).penalty is not JointMethod.penalty and not (
+                reshard is False or (reshard is None and units is None)):
+            raise ValueError(f"method {self.config.method!r} adds a penalty computed from the targeted layers' "
+                             f"parameters in comp.loss(), after the forward: they must still be unsharded then. "
+                             f"Use units=None (the root keeps its parameters through the backward) or "
+                             f"reshard_after_forward=False")
+        dist_utils.fsdp_unit_names(self.model, units)  # a missing unit fails now
+        if "mesh" not in fsdp_kwargs:  # fully_shard's default, made once: every re-shard uses the same mesh
+            from torch.distributed.device_mesh import init_device_mesh
+
+            accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+            fsdp_kwargs["mesh"] = init_device_mesh(accelerator.type if accelerator is not None else "cpu",
+                                                   (dist_utils.world_size(),))
+        self._fsdp = {"units": units, **fsdp_kwargs}
+        self._rebuild_wrapper()
+        return self.model
+
+    def _rebuild_wrapper(self) -> None:
+        """Re-create the data-parallel wrapping around the current structure (after a structure change or a
+        checkpoint load): a new ``DistributedDataParallel`` (the one of :meth:`wrap_ddp`, if any), or
+        ``fully_shard`` applied again (:meth:`wrap_fsdp`; the model holds its full parameters then)."""
+        if self.ddp_model is not None:
+            self._build_ddp()
+        elif self._fsdp is not None:
+            self._kept_cost = self._kept_cost_now()
+            old, self._full = self._full, None
+            if old is not None:
+                old.release()  # the model holds the full parameters: the old shards are dead weight
+            dist_utils.shard_fsdp_(self.model, self.optimizer, **self._fsdp)
+
+    @contextlib.contextmanager
+    def _full_parameters(self, *, plain: bool = False, full_state: bool = False, reshard: bool = True):
+        """The body sees :attr:`model` with full (plain) parameters; a no-op unless the model is sharded by
+        :meth:`wrap_fsdp` (or when nested). Collective.
+
+        ``plain``: FSDP removed from the model too (its ``state_dict`` and ``deepcopy`` are then the ordinary
+        ones); ``full_state``: the optimizer state gathered too. On exit the model is sharded again: the same
+        shards with the new values when its parameters are the ones gathered, else ``fully_shard`` anew (done
+        already when the body called :meth:`_rebuild_wrapper`); ``reshard=False`` leaves it plain and ends
+        the FSDP wrapping (:meth:`finalize`).
+        """
+        if self._fsdp is None or self._full is not None:
+            yield
+            return
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        self._full = dist_utils.gather_fsdp_(self.model, self.optimizer, full_state=full_state)
+        try:
+            if plain:
+                dist_utils.strip_fsdp_(self.model)
+            with implicit_replication():  # compaction slices sharded optimizer state with plain indices
+                yield
+        finally:
+            if self._full is not None:
+                self._kept_cost = self._kept_cost_now()
+                if not reshard:
+                    self._full = self._fsdp = None
+                elif plain or not self._full.intact():
+                    self._rebuild_wrapper()
+                else:
+                    full, self._full = self._full, None
+                    full.restore(self.optimizer)
 
     def step(self) -> bool:
         """Call once after every optimizer step (on every rank): schedules, masks, pruning and compaction.
 
         Returns True when the model's structure changed in this step (parameters replaced, reshaped,
         frozen or unfrozen; buffers replaced): a ``DistributedDataParallel`` wrapper of the model is then
-        stale. The one made by :meth:`wrap_ddp` has been rebuilt already; rebuild your own.
+        stale. The one made by :meth:`wrap_ddp` has been rebuilt already; rebuild your own. Under
+        :meth:`wrap_fsdp` the method runs on the full parameters and the model is sharded again (anew when
+        the structure changed); see the module docstring.
         """
         self.step_count += 1
-        keep = (list(self.model.parameters()), list(self.model.buffers()))  # ids stay unique while compared
-        before = dist_utils.structure_signature(self.model)
-        self.method.on_step(self.step_count)
-        changed = dist_utils.structure_signature(self.model) != before
-        del keep
-        if changed and self.ddp_model is not None:
-            self._rebuild_ddp()
+        with self._full_parameters():
+            keep = (list(self.model.parameters()), list(self.model.buffers()))  # ids stay unique while compared
+            before = dist_utils.structure_signature(self.model)
+            self.method.on_step(self.step_count)
+            changed = dist_utils.structure_signature(self.model) != before
+            del keep
+            if changed:
+                self._rebuild_wrapper()
         return changed
 
     def compact(self) -> int:
@@ -277,23 +420,38 @@ class Compressor:
         Returns the number of directions dropped.
         """
         dropped = 0
-        for layer in self.method.lowrank_layers().values():
-            before = layer.rank
-            if layer.active_rank < before:
-                layer.compact_(self.optimizer)
-                dropped += before - layer.rank
+        with self._full_parameters():
+            for layer in self.method.lowrank_layers().values():
+                before = layer.rank
+                if layer.active_rank < before:
+                    layer.compact_(self.optimizer)
+                    dropped += before - layer.rank
         return dropped
 
     def kept_cost(self) -> int:
-        """Weights the targeted layers keep now (see the module docstring)."""
+        """Weights the targeted layers keep now (see the module docstring).
+
+        Under :meth:`wrap_fsdp`, between steps (sharded parameters): the value at the end of the last
+        :meth:`step` (not a collective, so it may be called on one rank only).
+        """
+        if self._fsdp is not None and self._full is None:
+            return self._kept_cost
+        return self._kept_cost_now()
+
+    def _kept_cost_now(self) -> int:
         return sum(weight_cost(self.model.get_submodule(n)) for n in self.targets)
 
     def kept_fraction(self) -> float:
         return self.kept_cost() / self.total_cost
 
     def finalize(self) -> nn.Module:
-        """End the run: the compact model at the budget (no dense branch, nothing pruned left in memory)."""
-        model = self.method.finalize()
+        """End the run: the compact model at the budget (no dense branch, nothing pruned left in memory).
+
+        Under :meth:`wrap_fsdp` the model ends plain and full on every rank (FSDP removed), the attached
+        optimizer with it (full state).
+        """
+        with self._full_parameters(plain=True, full_state=True, reshard=False):
+            model = self.method.finalize()
         self.ddp_model = None  # the structure changed: a wrapper of the old one is useless
         for tap in (self._student_tap, self._teacher_tap):
             if tap is not None:
@@ -311,7 +469,8 @@ class Compressor:
         if not hasattr(self.method, "materialize"):
             raise NotImplementedError(f"method {self.config.method!r} trains towards one size; "
                                       f"only 'acip' materialises any size from one run")
-        return self.method.materialize(budget)
+        with self._full_parameters(plain=True):  # under wrap_fsdp: a plain copy, on every rank
+            return self.method.materialize(budget)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -322,18 +481,21 @@ class Compressor:
 
         Under torch.distributed: call it on every rank; rank 0 writes (the state is the same on every
         rank, except the RNG states, which are gathered so each rank resumes its own), the others wait.
+        Under :meth:`wrap_fsdp` the parameters and the optimizer state are gathered first (the same file).
         """
-        checkpoint.save(self, path)
+        with self._full_parameters(plain=True, full_state=True):
+            checkpoint.save(self, path)
 
     def load_checkpoint(self, path) -> None:
         """Resume: reshape the layers to the checkpoint's ranks, then load everything :meth:`save_checkpoint` wrote.
 
         Under torch.distributed: call it on every rank (each reads the file); a wrapper made by
-        :meth:`wrap_ddp` is rebuilt around the reshaped model.
+        :meth:`wrap_ddp` is rebuilt around the reshaped model, one made by :meth:`wrap_fsdp` shards it anew
+        (the file is the one a DDP or single-process run writes).
         """
-        checkpoint.load(self, path)
-        if self.ddp_model is not None:
-            self._rebuild_ddp()
+        with self._full_parameters(plain=True):
+            checkpoint.load(self, path)
+            self._rebuild_wrapper()
 
 
 def _has_module(model: nn.Module, name: str) -> bool:
