@@ -26,13 +26,34 @@ HEAD_NAMES = ("lm_head", "classifier", "score")
 RankSpec = int | None | Mapping[str, int | None] | Callable[[str, nn.Linear], int | None]
 
 
-def _matches(name: str, pattern: str | Iterable[str], argname: str) -> bool:
+def _check_pattern(pattern: object, argname: str) -> str | tuple[str, ...]:
+    """A regex string (compiled once to check it) or the tuple of names of a list, else the documented error.
+
+    Checked before any module is looked at, so a bad pattern fails the same way on every model (also one without
+    linear layers), and a one-shot iterable of names is read once, not consumed by the first module.
+    """
     if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    if isinstance(pattern, Iterable):
-        return any(name == p or name.endswith("." + p) for p in pattern)
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{argname}={pattern!r} is not a valid regular expression ({err}); pass a list of "
+                             f"module names to match names literally") from None
+        return pattern
+    if isinstance(pattern, Iterable) and not isinstance(pattern, (bytes, bytearray)):
+        names = tuple(pattern)
+        bad = [p for p in names if not isinstance(p, str)]
+        if not bad:
+            return names
+        raise TypeError(f"{argname} must be 'all-linear', a regex string or a list of names, got a list with "
+                        f"entries that are not strings: {bad[:3]!r}")
     raise TypeError(f"{argname} must be 'all-linear', a regex string or a list of names, "
                     f"got {type(pattern).__name__}")
+
+
+def _matches(name: str, pattern: str | tuple[str, ...]) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
 
 
 def _head_names(model: nn.Module) -> set[str]:
@@ -57,22 +78,29 @@ def find_target_linears(
     ``include_lowrank=True`` selects already-factored :class:`LowRankLinear` layers too (the
     allocator scores both). ``required=True`` raises a ValueError listing the model's linear
     layers when nothing matches.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; a pattern is neither a string nor a list of strings.
+        ValueError: a pattern string is not a valid regular expression; nothing matches (``required=True``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    all_linear = isinstance(target_modules, str) and target_modules == "all-linear"
+    target = None if all_linear else _check_pattern(target_modules, "target_modules")
+    exclude = None if exclude_modules is None else _check_pattern(exclude_modules, "exclude_modules")
     kinds = (LowRankLinear,) if include_lowrank else ()
-    heads = _head_names(model) if target_modules == "all-linear" else set()
+    heads = _head_names(model) if all_linear else set()
     names = []
     for name, module in model.named_modules():
         # subclasses of nn.Linear (already wrapped, quantized) are left alone
         if type(module) is not nn.Linear and not isinstance(module, kinds):
             continue
-        if target_modules == "all-linear":
+        if all_linear:
             if name in heads:
                 continue
-        elif not _matches(name, target_modules, "target_modules"):
+        elif not _matches(name, target):
             continue
-        if exclude_modules is not None and _matches(name, exclude_modules, "exclude_modules"):
+        if exclude is not None and _matches(name, exclude):
             continue
         names.append(name)
     if required and not names:

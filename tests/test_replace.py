@@ -289,3 +289,23 @@ def test_minilm_truncation_changes_embeddings_in_order_of_rank(minilm):
         mean_cos.append(cos.mean().item())
     assert mean_cos[0] < 0.999
     assert mean_cos[0] < mean_cos[1]
+
+
+def test_bad_patterns_fail_before_any_module_is_looked_at():
+    """Regression (found by tests/test_properties.py): an invalid regex raised re.error, a list with a non-string
+    entry a bare concatenation TypeError, and on a model without nn.Linear a wrong type was reported as "matches
+    no nn.Linear"; a generator of names was consumed by the first module."""
+    with pytest.raises(ValueError, match=r"^target_modules='\(q' is not a valid regular expression"):
+        replace_linears(ToyLM(), 2, target_modules="(q")
+    with pytest.raises(ValueError, match=r"^exclude_modules='\*' is not a valid regular expression"):
+        find_target_linears(ToyLM(), exclude_modules="*")
+    with pytest.raises(TypeError, match=r"^target_modules must be .* entries that are not strings: \[1\]"):
+        find_target_linears(ToyLM(), ["q_proj", 1])
+    with pytest.raises(TypeError, match=r"^exclude_modules must be .* entries that are not strings: \[None\]"):
+        find_target_linears(ToyLM(), exclude_modules=[None])
+    with pytest.raises(TypeError, match=r"^target_modules must be 'all-linear', a regex string or a list"):
+        replace_linears(nn.Sequential(nn.ReLU()), 2, target_modules=5)  # no nn.Linear at all: still a TypeError
+    with pytest.raises(ValueError, match=r"matches no nn\.Linear of Sequential; its linear layers are: \[none\]"):
+        replace_linears(nn.Sequential(nn.ReLU()), 2)  # a model without linear layers: a clear error
+    names = (n for n in ["q_proj", "mlp.2"])
+    assert find_target_linears(ToyLM(), names) == [n for n in BODY if n.endswith(("q_proj", "mlp.2"))]

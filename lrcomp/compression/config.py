@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lrcomp.replace import _check_pattern
 
 ONE_SHOT_METHODS = ("svd", "asvd", "svd_llm", "fwsvd", "sparsity_aware", "jactus_union")
 JOINT_METHODS = ("acip", "pc_lora", "tunecomp", "jactus", "lpaf")
@@ -80,8 +82,8 @@ class CompressionConfig:
                                       or not math.isfinite(value) or value < 0):
                 raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
         if isinstance(self.distill_temperature, bool) or not isinstance(self.distill_temperature, (int, float)) \
-                or not self.distill_temperature > 0:
-            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
+                or not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise ValueError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (
                 math.isfinite(self.budget) and 0 < self.budget <= 1):
             raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}")
@@ -94,8 +96,15 @@ class CompressionConfig:
             raise ValueError("cost='latency' needs allocation='global' (a uniform allocation counts parameters)")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if not isinstance(self.target_modules, str) and not isinstance(self.target_modules, Iterable):
-            raise TypeError(f"target_modules must be a string or a list of names, got {self.target_modules!r}")
+        # the rules of lrcomp.replace_linears, checked now (a bad regex or a non-string name fails here, not mid-run)
+        if not (isinstance(self.target_modules, str) and self.target_modules == "all-linear"):
+            checked = _check_pattern(self.target_modules, "target_modules")
+            if not isinstance(self.target_modules, (str, list, tuple)):  # a one-shot iterable: keep what it held
+                self.target_modules = list(checked)
+        if self.exclude_modules is not None:
+            checked = _check_pattern(self.exclude_modules, "exclude_modules")
+            if not isinstance(self.exclude_modules, (str, list, tuple)):
+                self.exclude_modules = list(checked)
         if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 1:
             raise ValueError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
         if not isinstance(self.method_options, dict):

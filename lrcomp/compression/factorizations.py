@@ -25,10 +25,11 @@ Methods (``D = diag``):
 * ``"svd"``: ``D_out = I, D_in = I``; importance ``s_i^2`` = reduction of ``||W - W_r||_F^2``.
 * ``"asvd"`` (Yuan et al. 2023, "ASVD: Activation-aware Singular Value Decomposition for Compressing
   Large Language Models"): ``D_in = D(a^alpha)`` with ``a`` = input_abs_mean (zeros clamped to
-  ``min_scale * max(a)``), option ``alpha`` (default 0.5). Importance: ``sigma_i^2`` of ``W D_in``, the
-  reduction of ``||(W - W_r) D_in||_F^2``; it is a proxy of the output error (exact only when the input
-  channels are independent with RMS proportional to ``a^alpha``), so it compares across layers only
-  approximately.
+  ``min_scale * max(a)``, and ``a^alpha`` clamped again at ``min_scale * max(a^alpha)``, so that for
+  ``alpha > 1`` too the weighting spans at most ``1 / min_scale``), option ``alpha`` (default 0.5).
+  Importance: ``sigma_i^2`` of ``W D_in``, the reduction of ``||(W - W_r) D_in||_F^2``; it is a proxy of the
+  output error (exact only when the input channels are independent with RMS proportional to ``a^alpha``),
+  so it compares across layers only approximately.
 * ``"svd_llm"`` (Wang et al. 2024, "SVD-LLM: Truncation-aware Singular Value Decomposition for Large
   Language Model Compression"): ``D_in = L`` with ``input_cov = L L^T`` (Cholesky, fp64, eigenvalue shift
   when not positive definite: :func:`lrcomp.linalg.whiten.shifted_cholesky`, option ``shift_eps``).
@@ -200,6 +201,23 @@ def _whitened_svd(W: Tensor, L: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]
     return u, s, v, s.square()
 
 
+def _fit_dtype_range(u: Tensor, v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``U [N, r]``, ``V [r, K]`` (fp64) rescaled so that their entries fit in ``dtype`` when one would overflow it.
+
+    A weighting ``D_in`` puts ``1 / D_in`` into V (``V = V'^T D_in^{-1}``) and ``D_out^{-1}`` into U: in fp16
+    (largest value 65504) the direction of a nearly dead input channel overflows although ``U diag(S) V``
+    does not. Then column i of U and row i of V are multiplied by ``t_i`` and ``1 / t_i`` with
+    ``t_i = sqrt(max|V_i,:| / max|U_:,i|)`` (equal largest entries), which leaves ``U diag(S) V``, ``S`` and
+    the importance unchanged. Factors that fit are returned as they are (U orthonormal for svd / svd_llm).
+    """
+    limit = torch.finfo(dtype).max
+    if u.numel() == 0 or max(float(u.abs().max()), float(v.abs().max())) <= limit:
+        return u, v
+    cu, cv = u.abs().amax(0), v.abs().amax(1)
+    t = torch.where((cu > 0) & (cv > 0), (cv / cu.clamp_min(1e-300)).sqrt(), torch.ones_like(cu))
+    return u * t, v / t[:, None]
+
+
 def _fraction_count(frac: float, rank: int, cap: int) -> int:
     return min(cap, math.ceil(frac * rank - 1e-9))
 
@@ -331,7 +349,8 @@ def factorize(
         TypeError: ``linear`` is not an ``nn.Linear``, ``rank`` not an int, ``stats`` not a mapping, or an
             option the method does not take.
         ValueError: unknown ``method``; ``rank`` out of range; non-finite weight or bias; a missing
-            statistic (named with the method), one of the wrong shape, non-finite or negative; a bad option.
+            statistic (named with the method), one of the wrong shape, non-finite or negative; a bad option;
+            factors that overflow the weight's dtype even after rescaling (fp16 with an extreme weighting).
     """
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -364,7 +383,14 @@ def factorize(
     if method == "svd":
         u, s, v, imp = _scaled_svd(W, None, None)
     elif method == "asvd":
-        scale = _positive_scale(st["input_abs_mean"], opts["min_scale"]).pow(opts["alpha"])
+        # Clamped before the power (zeros) and after it: raised to alpha > 1, the range 1 / min_scale of the
+        # clamped a would grow to min_scale^-alpha, beyond what an fp64 SVD resolves (alpha = 4 gave W back
+        # with a relative error of 2e8 at full rank).
+        powered = _positive_scale(st["input_abs_mean"], opts["min_scale"]).pow(opts["alpha"])
+        if not torch.isfinite(powered).all():
+            raise ValueError(f"alpha={opts['alpha']!r}: input_abs_mean ** alpha overflows float64 (max input_abs_mean "
+                             f"{float(st['input_abs_mean'].max()):.3e}); use a smaller alpha")
+        scale = _positive_scale(powered, opts["min_scale"])
         u, s, v, imp = _scaled_svd(W, None, scale)
     elif method == "fwsvd":
         u, s, v, imp = _scaled_svd(W, None, _positive_scale(st["fisher"], opts["min_scale"]).sqrt())
@@ -376,13 +402,19 @@ def factorize(
     else:
         u, s, v, imp = _jactus(W, rank, st, opts)
 
+    u, v = _fit_dtype_range(u[:, :rank], v[:rank], weight.dtype)
     layer = LowRankLinear(K, N, rank, bias=linear.bias is not None, mask_fn=opts["mask_fn"],
                           temperature=opts["temperature"], device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        layer.U.copy_(u[:, :rank])
+        layer.U.copy_(u)
         layer.S.copy_(s[:rank])
-        layer.V.copy_(v[:rank])
+        layer.V.copy_(v)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
+    if not all(bool(torch.isfinite(p).all()) for p in (layer.U, layer.S, layer.V)):
+        raise ValueError(f"method {method!r}: the factors of this {K}->{N} layer overflow {weight.dtype} (max |S| = "
+                         f"{float(s[:rank].max()):.3e}, max |U| = {float(u.abs().max()):.3e}, max |V| = "
+                         f"{float(v.abs().max()):.3e}): factor a float32 copy of the layer, or weight it less "
+                         f"unevenly (a larger min_scale / shift_eps)")
     layer.importance = imp[:rank].float()
     return layer

@@ -40,14 +40,30 @@ def layer_sensitivity(grad_cov: torch.Tensor) -> float:
 
 
 def _uniform_ranks(model: nn.Module, names: list[str], budget: float) -> dict[str, int]:
-    """Every layer keeps ``budget`` of its own parameters: ``r = floor(budget * K N / (K + N))``."""
-    ranks = {}
+    """Every layer keeps ``budget`` of its own parameters: ``r = floor(budget * K N / (K + N))``.
+
+    A layer whose r is at or past break-even (``r (K + N) >= K N``, only possible at ``budget = 1``) stays dense
+    (no entry). ValueError when a layer can keep neither rank 1 nor its dense weights within its share (r = 0 and
+    ``budget < 1``): rank 1 would break the budget, or for a layer past break-even at rank 1 (``K + N >= K N``,
+    e.g. a 1-output head) even make it larger than dense.
+    """
+    ranks, short = {}, []
     for name in names:
         linear = model.get_submodule(name)
         K, N = linear.in_features, linear.out_features
         r = int(budget * K * N / (K + N))
-        if r * (K + N) < K * N:  # at or past break-even the layer stays dense
-            ranks[name] = max(1, r)
+        while r > 0 and r * (K + N) > budget * K * N:  # float round-off at the edge
+            r -= 1
+        if r >= 1 and r * (K + N) < K * N:
+            ranks[name] = r
+        elif K * N > budget * K * N:
+            short.append((name, K, N))
+    if short:
+        need = max(min(1.0, (K + N) / (K * N)) for _, K, N in short)
+        name, K, N = short[0]
+        raise ValueError(f"budget={budget:g} leaves layer {name!r} ({K} -> {N}) no rank under allocation='uniform': "
+                         f"rank 1 keeps {(K + N) / (K * N):.4g} of its parameters ({len(short)} layer(s) like it); use "
+                         f"budget >= {need:.4g}, exclude such layers (exclude_modules), or allocation='global'")
     return ranks
 
 
@@ -61,7 +77,11 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
     put back the original ``nn.Linear`` where the allocation keeps a layer dense.
 
     The resulting :class:`RankAllocation` (global) or rank dict (uniform) is stored on the
-    model as ``model.lrcomp_allocation``.
+    model as ``model.lrcomp_allocation``. On an error the model is left as it was.
+
+    Raises:
+        TypeError / ValueError: a bad model, config or target pattern; no target; missing calibration data;
+            a budget below what ``min_rank`` costs (global) or that leaves a layer no rank (uniform).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -86,32 +106,42 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
                           group_size=config.calib_group_size, save_path=config.calib_save_path)
 
     originals = {name: model.get_submodule(name) for name in targets}
-    if config.allocation == "uniform":
-        ranks = _uniform_ranks(model, targets, config.budget)
-    else:
-        for name in targets:
-            layer = factorize(originals[name], None, method=config.method,
-                              stats=stats[name] if stats is not None else None, **config.method_options)
-            if config.sensitivity:
-                layer.importance = layer.importance * layer_sensitivity(stats[name]["grad_cov"])
-            model.set_submodule(name, layer)
-        table = config.cost_table
-        if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
-            table = LatencyTable.from_json(table)
-        ranks = allocate_ranks(model, config.budget, score="importance", cost=config.cost, cost_table=table,
-                               min_rank=config.min_rank, target_modules=_exact(targets))
-
-    for name in targets:
-        if name not in ranks:
-            model.set_submodule(name, originals[name])
-            continue
-        current = model.get_submodule(name)
-        if isinstance(current, LowRankLinear) and config.method not in _SUBSPACE_DEPENDS_ON_RANK:
-            layer = current.prune_(importance_keep_mask(current, ranks[name])).compact()
+    try:
+        if config.allocation == "uniform":
+            ranks = _uniform_ranks(model, targets, config.budget)
         else:
-            layer = factorize(originals[name], ranks[name], method=config.method,
-                              stats=stats[name] if stats is not None else None, **config.method_options)
-        model.set_submodule(name, layer.train(originals[name].training))
+            for name in targets:
+                layer = factorize(originals[name], None, method=config.method,
+                                  stats=stats[name] if stats is not None else None, **config.method_options)
+                if config.sensitivity:
+                    layer.importance = layer.importance * layer_sensitivity(stats[name]["grad_cov"])
+                model.set_submodule(name, layer)
+            table = config.cost_table
+            if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
+                table = LatencyTable.from_json(table)
+            ranks = allocate_ranks(model, config.budget, score="importance", cost=config.cost, cost_table=table,
+                                   min_rank=config.min_rank, target_modules=_exact(targets))
+
+        result = {}
+        for name in targets:
+            if name not in ranks:
+                result[name] = originals[name]
+                continue
+            current = model.get_submodule(name)
+            if isinstance(current, LowRankLinear) and config.method not in _SUBSPACE_DEPENDS_ON_RANK:
+                layer = current.prune_(importance_keep_mask(current, ranks[name])).compact()
+            else:
+                layer = factorize(originals[name], ranks[name], method=config.method,
+                                  stats=stats[name] if stats is not None else None, **config.method_options)
+            result[name] = layer.train(originals[name].training)
+    except BaseException:
+        # the global allocator scores full-rank factorisations swapped into the model: put the originals back,
+        # so that an error (a budget below min_rank, a bad option) leaves the model as it was
+        for name, module in originals.items():
+            model.set_submodule(name, module)
+        raise
+    for name, layer in result.items():
+        model.set_submodule(name, layer)
     model.lrcomp_allocation = ranks
     return model
 

@@ -50,6 +50,14 @@ random weights) fails on the guards' shapes instead (``RuntimeError`` "You set `
 `False`"), and its load report lists the hint key as UNEXPECTED. With ``import lrcomp`` the guards are
 expected and ignored.
 
+Integrity: the safetensors metadata holds ``lrcomp_crc32``, a JSON object ``{tensor name: [CRC-32 of its bytes,
+dtype, shape]}`` over the saved state dict. Loading checks the file headers before anything is read (a truncated or
+garbled file: ``ValueError`` naming the file) and, once the weights are in, that every tensor of the model listed
+there holds the saved bytes (a flipped byte anywhere in the data, or a tensor name garbled so that transformers
+initialised the tensor afresh: ``ValueError`` listing the tensors); either way ``from_pretrained`` raises and
+returns no model. A tensor loaded in another dtype than saved (``from_pretrained(..., dtype=...)``) is not checked.
+Checkpoints without the entry (written before it existed) load unchecked.
+
 Layers are saved as they are: a layer with pruned directions (``active`` False) round-trips exactly too, but
 holds dead weight; :func:`mark_lowrank` compacts by default (:func:`lrcomp.compact_lowrank`).
 
@@ -59,12 +67,15 @@ Needs transformers >= 5 (written against 5.23: ``HfQuantizer.preprocess_model`` 
 
 from __future__ import annotations
 
+import ctypes
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import re
 import sys
 import warnings
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -83,6 +94,8 @@ _HOOK_TARGET = "transformers.quantizers.auto"
 # A one-element tensor every lrcomp checkpoint holds: transformers without `import lrcomp` lists it as UNEXPECTED
 # in its load report, so the report itself tells what is missing.
 HINT_KEY = "lrcomp.import_lrcomp_to_load_this_checkpoint"
+# safetensors metadata entry: JSON {tensor name: [crc32 hex, dtype, shape]} of the saved state dict
+CHECKSUM_KEY = "lrcomp_crc32"
 
 __all__ = [
     "FORMAT_VERSION",
@@ -179,18 +192,73 @@ def _model_name(model: nn.Module, name: str, modules: dict[str, nn.Module]) -> s
     return None
 
 
-def _read_shapes(checkpoint_files: list[str]) -> dict[str, tuple[int, ...]] | None:
-    """Tensor name -> shape of the safetensors checkpoint (headers only), None for other formats."""
+def _read_headers(checkpoint_files: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, list]] | None:
+    """``(tensor name -> shape, checksums)`` of a safetensors checkpoint (headers only), None for other formats.
+
+    ``checksums`` is the :data:`CHECKSUM_KEY` entry of the metadata (empty when absent). ValueError naming the file
+    when a header cannot be read (truncated, garbled) or its checksum entry is not what lrcomp writes.
+    """
     from safetensors import safe_open
 
     if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
         return None
-    shapes = {}
+    shapes, checksums = {}, {}
     for file in checkpoint_files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-    return shapes
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+                metadata = handle.metadata() or {}
+        except Exception as err:  # safetensors' own SafetensorError (a bare Exception subclass), OSError
+            raise ValueError(f"the lrcomp checkpoint file {str(file)!r} cannot be read as safetensors ({err}): it is "
+                             f"truncated or corrupted; nothing was loaded") from err
+        if CHECKSUM_KEY in metadata:
+            try:
+                entry = json.loads(metadata[CHECKSUM_KEY])
+                if not isinstance(entry, dict) or not all(
+                        isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) for v in entry.values()):
+                    raise ValueError("not an object of [crc32, dtype, shape] entries")
+            except ValueError as err:
+                raise ValueError(f"the lrcomp checkpoint file {str(file)!r} has a corrupted {CHECKSUM_KEY!r} metadata "
+                                 f"entry ({err}); nothing was loaded") from None
+            checksums.update(entry)
+    return shapes, checksums
+
+
+def _crc32(tensor: torch.Tensor) -> str:
+    """CRC-32 (hex) of a tensor's bytes in memory (contiguous, on the CPU): what safetensors writes for it."""
+    data = tensor.detach().to("cpu").contiguous()
+    size = data.numel() * data.element_size()
+    if size == 0:
+        return f"{zlib.crc32(b''):08x}"
+    return f"{zlib.crc32((ctypes.c_ubyte * size).from_address(data.data_ptr())):08x}"
+
+
+def _checksums(state_dict: dict[str, torch.Tensor]) -> str:
+    """The :data:`CHECKSUM_KEY` metadata entry of a state dict."""
+    return json.dumps({key: [_crc32(t), str(t.dtype), list(t.shape)] for key, t in state_dict.items()},
+                      separators=(",", ":"))
+
+
+def _verify_checksums(model: nn.Module, checksums: dict[str, list], where: str) -> None:
+    """ValueError listing the tensors of ``model`` whose bytes differ from the saved ones (after loading)."""
+    if not checksums:
+        return
+    state = model.state_dict()
+    bad = []
+    for key, (crc, dtype, shape) in checksums.items():
+        name = _model_name(model, key, state)
+        if name is None:
+            continue  # not part of this model (e.g. the head of a checkpoint loaded into its base model)
+        tensor = state[name]
+        if tensor.device.type == "meta" or str(tensor.dtype) != dtype or list(tensor.shape) != shape:
+            continue  # cast while loading (from_pretrained(dtype=...)) or offloaded: the saved bytes are not there
+        if _crc32(tensor) != crc:
+            bad.append(name)
+    if bad:
+        listed = ", ".join(repr(b) for b in bad[:5]) + (f", ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise ValueError(f"the lrcomp checkpoint {where} is corrupted: {len(bad)} tensor(s) differ from the saved "
+                         f"ones (CRC-32 mismatch): {listed}; load it again from an intact copy")
 
 
 def _check_checkpoint(shapes: dict[str, tuple[int, ...]], pattern: dict[str, dict[str, Any]], where: str) -> None:
@@ -344,10 +412,12 @@ def _build_classes() -> tuple[type, type]:
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             pattern = self.quantization_config.rank_pattern
-            shapes = _read_shapes(list(checkpoint_files or []))
-            if shapes is not None:
-                where = str(getattr(model.config, "name_or_path", "") or "")
-                _check_checkpoint(shapes, pattern, repr(where) if where else "")
+            headers = _read_headers(list(checkpoint_files or []))
+            where = str(getattr(model.config, "name_or_path", "") or "")
+            where = repr(where) if where else ""
+            self._lrcomp_checksums = (headers[1] if headers is not None else {}, where)
+            if headers is not None:
+                _check_checkpoint(headers[0], pattern, where)
             names = _swap_in_lowrank(model, pattern)
             # the guard tensors `<layer>.weight` are expected in the file: keep them out of the load report
             prefix = getattr(model, "base_model_prefix", "") or ""
@@ -359,6 +429,9 @@ def _build_classes() -> tuple[type, type]:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            checksums, where = getattr(self, "_lrcomp_checksums", ({}, ""))
+            self._lrcomp_checksums = ({}, "")
+            _verify_checksums(model, checksums, where)
             # names in this model's namespace (a base-model checkpoint loaded into a model with a head)
             self.quantization_config.rank_pattern = rank_pattern(model)
             return model
@@ -373,6 +446,7 @@ def _build_classes() -> tuple[type, type]:
             self.quantization_config.rank_pattern = pattern
             model.config.quantization_config = self.quantization_config
             state_dict = model.state_dict()
+            checksums = _checksums(state_dict)
             guards = {f"{name}.weight": layer.V.dtype for name, layer in _lowrank_layers(model).items()}
             guards[HINT_KEY] = next(iter(guards.values()))  # the model's dtype, whatever infers it from the file
             for key, dtype in guards.items():
@@ -381,7 +455,8 @@ def _build_classes() -> tuple[type, type]:
                 state_dict[key] = torch.zeros(1, dtype=dtype)
             from lrcomp import __version__
 
-            return state_dict, {"lrcomp_format": str(FORMAT_VERSION), "lrcomp_version": __version__}
+            return state_dict, {"lrcomp_format": str(FORMAT_VERSION), "lrcomp_version": __version__,
+                                CHECKSUM_KEY: checksums}
 
         def is_serializable(self, *args, **kwargs) -> bool:
             return True

@@ -60,12 +60,14 @@ class ACIPOptions:
     def __post_init__(self) -> None:
         for name in ("lambda_start", "lambda_end", "score_init", "score_lr", "lora_alpha", "revive_score"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
                 raise ValueError(f"acip option {name} must be a positive number, got {value!r}")
         if self.lambda_end < self.lambda_start:
             raise ValueError(f"acip option lambda_end ({self.lambda_end}) must be >= lambda_start "
                              f"({self.lambda_start})")
-        if not 0 < self.prune_fraction <= 1:
+        if isinstance(self.prune_fraction, bool) or not isinstance(self.prune_fraction, (int, float)) \
+                or not 0 < self.prune_fraction <= 1:
             raise ValueError(f"acip option prune_fraction must be in (0, 1], got {self.prune_fraction!r}")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ValueError(f"acip option lora_rank must be an int >= 0, got {self.lora_rank!r}")

@@ -253,6 +253,66 @@ def test_asvd_guards_zero_channels():
     torch.testing.assert_close(_product(zeros), _product(factorize(lin, 3)), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("alpha", [2.0, 4.0])
+def test_asvd_alpha_above_one_still_gives_the_weight_back(alpha, dtype):
+    """Regression (found by tests/test_properties.py): the zero-clamped activation scale was raised to alpha after
+    the clamp, so a dead channel weighed min_scale^alpha (1e-24 at alpha 4) and the full-rank factors gave W back
+    with a relative error of 1e8. Clamped again after the power, the weighting spans at most 1 / min_scale."""
+    K, N = 8, 10
+    lin = _linear(K, N, dtype=dtype)
+    a = torch.rand(K, dtype=F64) + 0.1
+    a[3] = 0.0
+    layer = factorize(lin, None, method="asvd", stats={"input_abs_mean": a}, alpha=alpha)
+    W = lin.weight.detach().double()
+    rel = float((_product(layer) - W).norm() / W.norm())
+    assert rel < (1e-9 if dtype == F64 else 2e-6), rel
+    if dtype != F64:
+        return
+    # channels within the clamp keep the exact definition D(a^alpha): a rank-r optimum of ||(W - W_r) D||
+    a[3] = 0.5
+    Sa = a.pow(alpha)
+    for r in (2, 5):
+        expect = _trunc(W * Sa, r) / Sa
+        torch.testing.assert_close(_product(factorize(lin, r, method="asvd", stats={"input_abs_mean": a},
+                                                      alpha=alpha)), expect, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match=r"^alpha=400\.0: input_abs_mean \*\* alpha overflows float64"):
+        factorize(lin, 2, method="asvd", stats={"input_abs_mean": torch.full((K,), 10.0, dtype=F64)}, alpha=400.0)
+
+
+@pytest.mark.filterwarnings("ignore:input_cov .* is not positive definite")
+def test_fp16_factors_are_rescaled_to_fit_or_refused():
+    """Regression (found by tests/test_properties.py): an fp16 layer whitened by a covariance with a dead channel got
+    V entries of 1e5 (V = V'^T L^{-1}), cast to inf: its output was NaN. U's column and V's row of such a direction
+    are now rescaled by reciprocal factors (U diag(S) V, S, importance unchanged); what still cannot fit in fp16 is
+    a ValueError, never an inf factor."""
+    g = torch.Generator().manual_seed(0)
+    K, N = 6, 8
+    lin = nn.Linear(K, N, dtype=torch.float16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=g))
+    X = torch.randn(200, K, generator=g, dtype=F64) * 0.1
+    X[:, 3] = 0.0
+    C = X.T @ X / 200
+    layer = factorize(lin, None, method="svd_llm", stats={"input_cov": C})
+    assert all(bool(torch.isfinite(p).all()) for p in layer.parameters())
+    W = lin.weight.detach().double()
+    assert float((_product(layer) - W).norm() / W.norm()) < 1e-3  # fp16 round-off of the factors
+    lin32 = nn.Linear(K, N)
+    with torch.no_grad():
+        lin32.weight.copy_(lin.weight)
+        lin32.bias.copy_(lin.bias)
+    ref = factorize(lin32, None, method="svd_llm", stats={"input_cov": C})  # fp32: not rescaled
+    torch.testing.assert_close(layer.S.float(), ref.S, rtol=1e-3, atol=0)
+    torch.testing.assert_close(layer.importance, ref.importance)
+    assert float(ref.V.detach().abs().max()) > torch.finfo(torch.float16).max  # the case overflowed fp16 as it was
+    x = torch.randn(3, K, generator=g).half()
+    assert bool(torch.isfinite(layer(x)).all())
+    a = X.abs().mean(0)
+    with pytest.raises(ValueError, match=r"^method 'asvd': the factors of this 6->8 layer overflow torch\.float16"):
+        factorize(lin, None, method="asvd", stats={"input_abs_mean": a}, alpha=1.0, min_scale=1e-12)
+
+
 # ---------------------------------------------------------------------------- fwsvd
 def test_fwsvd_minimises_fisher_weighted_error():
     K, N = 21, 16

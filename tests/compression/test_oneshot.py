@@ -117,6 +117,9 @@ def test_summary_lists_layers_and_totals(capsys):
     ({"method": "magic"}, "method"), ({"cost": "watts"}, "cost"), ({"cost": "latency"}, "cost_table"),
     ({"allocation": "random"}, "allocation"), ({"min_rank": 0}, "min_rank"),
     ({"calib_max_batches": 0}, "calib_max_batches"), ({"method_options": [1]}, "method_options"),
+    # regressions (found by tests/test_properties.py): accepted, then failed mid-run or gave a NaN loss
+    ({"distill_temperature": float("inf")}, "distill_temperature"), ({"exclude_modules": 5}, "exclude_modules"),
+    ({"target_modules": "(q"}, "target_modules"), ({"target_modules": ["q", 1]}, "target_modules"),
 ])
 def test_config_validates(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -180,3 +183,35 @@ def test_layer_sensitivity_is_mean_squared_gradient():
 
     g = torch.randn(100, 6, dtype=torch.float64)
     assert layer_sensitivity(g.T @ g / 100) == pytest.approx(g.square().mean().item(), rel=1e-12)
+
+
+def test_uniform_allocation_never_exceeds_the_budget():
+    """Regression (found by tests/test_properties.py): a layer whose uniform rank rounded to 0 got rank 1 anyway, over
+    budget; a 1-output layer (rank 1 past break-even: K + 1 > K) even grew beyond its dense size."""
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 1))
+    with pytest.raises(ValueError, match=r"^budget=0\.5 leaves layer '2' \(40 -> 1\) no rank under allocation="
+                                         r"'uniform': rank 1 keeps 1\.025 of its parameters .*budget >= 1"):
+        lrcomp.compress(model, CompressionConfig(method="svd", budget=0.5, allocation="uniform"))
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]  # left as it was
+    model = _toy()
+    with pytest.raises(ValueError, match=r"^budget=0\.01 leaves layer '0' \(24 -> 40\) no rank .* budget >= 0\.15"):
+        lrcomp.compress(model, CompressionConfig(method="svd", budget=0.01, allocation="uniform"))
+    lrcomp.compress(model, CompressionConfig(method="svd", budget=0.16, allocation="uniform"))
+    kept = sum(m.rank * (m.in_features + m.out_features) for m in model if isinstance(m, LowRankLinear))
+    assert kept <= 0.16 * (24 * 40 + 40 * 32 + 32 * 8)
+    # at budget 1 such a layer may stay dense (as every layer does: rank floor(K N / (K + N)) is past break-even)
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 1))
+    lrcomp.compress(model, CompressionConfig(method="svd", budget=1.0, allocation="uniform"))
+    assert type(model[0]) is type(model[2]) is nn.Linear
+
+
+def test_compress_error_leaves_the_model_as_it_was():
+    """Regression (found by tests/test_properties.py): the global allocator's full-rank factorisations stayed in the
+    model when allocate_ranks refused the budget, so a retry found no nn.Linear left to compress."""
+    model = _toy()
+    before = list(model)
+    with pytest.raises(ValueError, match="is below what min_rank=1 already costs"):
+        lrcomp.compress(model, CompressionConfig(method="svd", budget=0.01))
+    assert list(model) == before
+    lrcomp.compress(model, CompressionConfig(method="svd", budget=0.5))  # the retry works
+    assert any(isinstance(m, LowRankLinear) for m in model)

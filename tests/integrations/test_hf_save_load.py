@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -223,6 +224,58 @@ def test_mark_and_config_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"rank_pattern\['q'\]: rank must be an int .* = \[1, 8\], got 9"):
         hf.LowRankQuantizationConfig(rank_pattern={"q": {"rank": 9, "in_features": 8, "out_features": 16,
                                                          "bias": False}})
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+def _weights(path) -> str:
+    return os.path.join(path, "model.safetensors")
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    """Regression (found by tests/test_properties.py): safetensors' own SafetensorError (not documented, not a
+    ValueError) came out of from_pretrained; now a ValueError names the file, before anything is loaded."""
+    path = saved(mark_lowrank(tiny_lowrank()), tmp_path / "m")
+    blob = open(_weights(path), "rb").read()
+    for cut in (0, 5, 100, len(blob) // 2, len(blob) - 1):
+        with open(_weights(path), "wb") as f:
+            f.write(blob[:cut])
+        with pytest.raises(ValueError, match=r"^the lrcomp checkpoint file '.*model\.safetensors' cannot be read as "
+                                             r"safetensors \(.*\): it is truncated or corrupted; nothing was loaded"):
+            transformers.AutoModel.from_pretrained(path)
+
+
+def test_flipped_bytes_in_the_weights_are_a_clear_error(tmp_path):
+    """Regression (found by tests/test_properties.py): a byte changed in a tensor's data loaded silently as a wrong
+    weight. The metadata holds a CRC-32 per tensor, checked once the weights are in: a ValueError names the tensor,
+    and from_pretrained returns no model."""
+    model = mark_lowrank(tiny_lowrank())
+    path = saved(model, tmp_path / "m")
+    with safe_open(_weights(path), framework="pt") as f:
+        checksums = json.loads(f.metadata()[hf.CHECKSUM_KEY])
+    state = model.state_dict()
+    assert checksums.keys() == state.keys()
+    assert checksums[f"{QUERY0}.U"] == [hf._crc32(state[f"{QUERY0}.U"]), "torch.float32", [32, 3]]
+    blob = open(_weights(path), "rb").read()
+    header = 8 + int.from_bytes(blob[:8], "little")
+    offsets = json.loads(blob[8:header])
+    for name in (f"{QUERY0}.V", "embeddings.word_embeddings.weight", "pooler.dense.active"):
+        begin, end = offsets[name]["data_offsets"]
+        corrupted = bytearray(blob)
+        corrupted[header + (begin + end) // 2] ^= 0x10
+        with open(_weights(path), "wb") as f:
+            f.write(corrupted)
+        with pytest.raises(ValueError, match=rf"^the lrcomp checkpoint '.*' is corrupted: 1 tensor\(s\) differ from "
+                                             rf"the saved ones \(CRC-32 mismatch\): '{re.escape(name)}'"):
+            transformers.AutoModel.from_pretrained(path)
+    # a checkpoint written before the checksums existed loads as before (unchecked)
+    with open(_weights(path), "wb") as f:
+        f.write(blob)
+    tensors = load_file(_weights(path))
+    with safe_open(_weights(path), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != hf.CHECKSUM_KEY}
+    save_file(tensors, _weights(path), metadata=metadata)
+    loaded = transformers.AutoModel.from_pretrained(path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
 
 
 # ---------------------------------------------------------------------------------------------- without lrcomp
