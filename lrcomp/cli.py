@@ -87,14 +87,7 @@ def _one_line(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- argument types
 def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] of the targeted layers' parameters, "
-                                         f"got {text}")
-    return value
+    return _float_in(text, lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1] of the targeted layers' parameters")
 
 
 def _method(text: str) -> str:
@@ -105,24 +98,23 @@ def _method(text: str) -> str:
     return text
 
 
-def _fraction(text: str) -> float:
+def _float_in(text: str, ok, what: str) -> float:
+    """``float(text)`` if ``ok(value)``, else an argparse error saying it must be ``what``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
+
+
+def _fraction(text: str) -> float:
+    return _float_in(text, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0.0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
+    return _float_in(text, lambda v: v > 0.0, "a positive finite number")
 
 
 def _positive_int(text: str) -> int:

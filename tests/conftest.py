@@ -33,3 +33,13 @@ def _restore_backend(monkeypatch):
     """
     monkeypatch.setattr(backend, "_backend", backend._backend)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the CPU
+    is shared, and the small forwards and SVDs of tiny models run faster and more predictably on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,12 +24,7 @@ WORDS = ("apple river stone cloud music bread window garden letter silver forest
          "winter doctor market bridge thunder pencil").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the CPU is shared
 
 
 @pytest.fixture(scope="module")
