@@ -73,6 +73,8 @@ ONE_RUN_ALL_BUDGETS = ("acip",)
 # Bench-only names of a joint method run differently: ACIP trained to each budget separately (the
 # comparison at equal training per budget), beside "acip" (one run, every budget materialised from it).
 ALIASES = {"acip_per_budget": "acip"}
+# Keys of --method-options that set CompressionConfig fields instead of the method's own options.
+CONFIG_KEYS = ("feature_weight", "distill_weight", "distill_temperature")
 # Learning rates chosen per method on a validation split (benchmarks/quality_sweep.py phase A, 200 steps,
 # budget 0.5, seed 0, among 1e-4 / 5e-4 / 2e-3: benchmarks/results/quality_gpu_selection.json); a method
 # not listed uses --lr. --method-lr overrides them.
@@ -81,7 +83,7 @@ DEFAULT_METHOD_LR = {"dense": 5e-4, "seq_svd": 1e-4, "seq_svd_llm": 1e-4, "acip"
 # Method options the bench uses unless --method-options says otherwise: ACIP on whitened (SVD-LLM) factors,
 # which the calibration batches make possible here (3 seeds, one run: 0.687 / 0.689 / 0.691 at 0.8 / 0.5 / 0.3,
 # against 0.635 / 0.634 / 0.682 with the plain SVD of the paper; benchmarks/results/quality.json).
-DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm"}}
+DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm"}, "lpaf": {"prune_score": "first_order"}}
 DATA_SEED = 1234  # fixes the train/test split, independent of the run seeds
 # Seconds per training step of the joint methods relative to a dense step, used only for the
 # time estimate printed before the grid (a guess until they have been measured).
@@ -292,9 +294,12 @@ def _make_compressor(model, name: str, budget: float, task: Task, seed: int):
     # distill_weight=0: the teacher is the pretrained encoder with an untrained head, whose logits carry
     # no task knowledge (logit KD to it pulls the student towards a random classifier); the methods
     # that distil keep their feature distillation to the pretrained representations.
+    options = method_options(task.args, name)
+    # keys that are CompressionConfig fields (e.g. feature_weight) go to the config, the rest to the method
+    overrides = {k: options.pop(k) for k in CONFIG_KEYS if k in options}
     config = lrcomp.CompressionConfig(method=method, budget=budget, total_steps=task.args.steps,
-                                      exclude_modules=EXCLUDE, distill_weight=0.0,
-                                      method_options=method_options(task.args, name))
+                                      exclude_modules=EXCLUDE, **{"distill_weight": 0.0, **overrides},
+                                      method_options=options)
     calib = [b for _, b in zip(range(task.args.calib_batches), task.batches(seed + 10_000), strict=False)]
     return lrcomp.Compressor(model, config, calib_data=calib, loss_fn=classification_loss, teacher=None)
 
@@ -474,7 +479,13 @@ def merge(args) -> int:
     if not records:
         raise SystemExit(f"--merge: no runs in {[str(p) for p in args.merge]}")
     results: dict = {}
+    settings: dict = {}
     for rec in records:
+        if rec["status"] == "ok":  # one cell, one set of hyperparameters
+            cell, got = (rec["method"], rec["budget"]), (rec["lr"], json.dumps(rec["options"], sort_keys=True))
+            if settings.setdefault(cell, got) != got:
+                raise SystemExit(f"--merge: {cell[0]} at budget {cell[1]} mixes runs with lr/options "
+                                 f"{settings[cell]} and {got}")
         entry = results.setdefault((rec["method"], rec["budget"]), {"runs": [], "status": "ok"})
         if rec["status"] == "ok":
             entry["runs"].append(rec)
@@ -492,8 +503,9 @@ def merge(args) -> int:
         return rank.get(method, len(known)), method, -(budget or 2.0)
 
     rows = aggregate(dict(sorted(results.items(), key=order)), seeds, steps.pop())
-    for row in rows:  # the hyperparameters each method ran with (the same for all its runs)
-        runs = [r for r in records if r["method"] == row["method"] and r["status"] == "ok"]
+    for row in rows:  # the hyperparameters of the cell's runs (the same for all of them, checked above)
+        runs = [r for r in records if r["method"] == row["method"] and r["budget"] == row["budget"]
+                and r["status"] == "ok"]
         row["lr"] = runs[0]["lr"] if runs else None
         row["options"] = runs[0]["options"] if runs else None
         row["device"] = ", ".join(sorted({r["device"] for r in runs})) or None
@@ -537,7 +549,8 @@ def main(argv=None) -> int:
                         help=f"per-method learning rates, e.g. pc_lora=1e-3 (defaults: {DEFAULT_METHOD_LR})")
     parser.add_argument("--method-options", nargs="+", default=[], metavar="METHOD=JSON",
                         help='options of a joint method (CompressionConfig.method_options), e.g. '
-                             f'lpaf=\'{{"prune_score": "movement"}}\' (defaults: {DEFAULT_METHOD_OPTIONS})')
+                             f'lpaf=\'{{"prune_score": "movement"}}\'; the keys {CONFIG_KEYS} set CompressionConfig '
+                             f'fields instead (defaults: {DEFAULT_METHOD_OPTIONS})')
     parser.add_argument("--device", default="cpu", help="torch device of the runs, e.g. cuda")
     parser.add_argument("--eval-split", choices=("test", "val"), default="test",
                         help="val: hold out --val-fraction of the training texts and report accuracy on them "

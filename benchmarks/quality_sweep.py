@@ -1,12 +1,19 @@
-"""The main job's full protocol in parallel processes: choose each method's learning rate on a
-validation split, then run the seeds x budgets grid on the test set with those choices.
+"""The main job's full protocol in parallel processes: choose each method's learning rate per budget
+on a validation split, then run the seeds x budgets grid on the test set with those choices.
 
-Phase A (selection): every candidate (method, lr, options) runs once, seed 0, budget
-``--sweep-budget``, scored on a validation split carved out of the training texts
-(``bench_quality.py --eval-split val``); the test set is not looked at. Each method keeps its
-best candidate (ties: the smaller lr). The baselines are tuned the same way as the joint methods.
-Phase B (evaluation): each (method, seed) runs every budget with its chosen candidate on the
-test set; the runs are merged into one results file and plot (``bench_quality.py --merge``).
+Phase A (selection): every candidate (method, lr, options) runs once per budget of
+``--sweep-budgets`` (default: every budget), seed 0, scored on a validation split carved out of the
+training texts (``bench_quality.py --eval-split val``); the test set is not looked at. Each
+(method, budget) keeps its best candidate (ties: the smaller lr). The baselines are tuned the same
+way as the joint methods. ACIP's one run (trained to the smallest budget, every budget materialised
+from it) takes ACIP's choice at the smallest budget; ``acip_per_budget`` takes ACIP's choice at each.
+Phase B (evaluation): each (method, budget, seed) runs with its chosen candidate on the test set;
+exactly those runs are merged into one results file and plot (``bench_quality.py --merge``).
+
+Runs already made are not made again: every run line of the work folder and of ``--reuse`` files
+with the same settings (method, budget, lr, options, seed, split, steps, batch, length) is taken
+as it is, so an interrupted sweep resumes, and results of another device can be combined (say which
+with ``--reuse``; only reuse runs of the current code of that method).
 
     python benchmarks/quality_sweep.py --device cuda --parallel 12 -- --model DIR --data DIR
     python benchmarks/quality_sweep.py --parallel 2 --lrs 1e-4 -- --steps 50      # a small CPU check
@@ -28,13 +35,14 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
-from bench_quality import ALIASES  # noqa: E402  (bench-only names, e.g. acip_per_budget -> acip)
+from bench_quality import ALIASES, DEFAULT_METHOD_OPTIONS, ONE_RUN_ALL_BUDGETS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE / "bench_quality.py"
 METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "acip_per_budget", "pc_lora", "tunecomp", "jactus", "lpaf"]
-# Method options tried besides the defaults (phase A picks among them on the validation split).
-EXTRA_OPTIONS = {"lpaf": [{"prune_score": "movement"}]}
+# Method options tried besides the defaults (phase A picks among them on the validation split); e.g.
+# {"lpaf": [{"prune_score": "movement"}]} (at chance for every lr on the H100 sweep, so no longer tried).
+EXTRA_OPTIONS: dict[str, list[dict]] = {}
 
 
 def run_pool(jobs: list[tuple[str, list[str]]], parallel: int, deadline: float, logdir: Path) -> dict[str, int | None]:
@@ -81,21 +89,60 @@ def read_runs(paths) -> list[dict]:
     return runs
 
 
+def run_key(method: str, budget, lr: float, options: dict, seed: int, split: str, shape: dict) -> str:
+    """What makes two runs the same run (``shape``: steps, batch_size, max_length)."""
+    return json.dumps([method, None if budget is None else round(float(budget), 6), float(lr),
+                       options, int(seed), split, shape["steps"], shape["batch_size"], shape["max_length"]],
+                      sort_keys=True)
+
+
+def record_key(r: dict) -> str:
+    return run_key(r["method"], r["budget"], r["lr"], r.get("options") or {}, r["seed"], r["eval_split"],
+                   {k: r[k] for k in ("steps", "batch_size", "max_length")})
+
+
+def _bench_shape(passthrough: list[str]) -> dict:
+    """steps / batch size / max length the bench processes will use (their defaults unless passed)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=48)
+    known, _ = p.parse_known_args(passthrough)
+    return {"steps": known.steps, "batch_size": known.batch_size, "max_length": known.max_length}
+
+
+def _method_lrs(values: list[str]) -> dict[str, list[float]]:
+    out = {}
+    for v in values:
+        name, sep, lrs = v.partition("=")
+        if not sep or not lrs:
+            raise ValueError(f"expected METHOD=LR[,LR...], got {v!r}")
+        out[name] = [float(x) for x in lrs.split(",")]
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
-    parser.add_argument("--sweep-budget", type=float, default=0.5)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 5e-4, 2e-3], help="candidate learning rates")
+    parser.add_argument("--method-lrs", nargs="+", default=[], metavar="METHOD=LR,LR",
+                        help="a method's own candidate learning rates instead of --lrs")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5, 0.3])
+    parser.add_argument("--sweep-budgets", type=float, nargs="+", default=None,
+                        help="budgets of phase A (default: every budget; a budget left out takes the choice at "
+                             "the nearest swept budget)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--parallel", type=int, default=1, help="processes at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--phase-a-s", type=float, default=3600, help="deadline of phase A in seconds")
     parser.add_argument("--phase-b-s", type=float, default=4 * 3600, help="deadline of phase B in seconds")
+    parser.add_argument("--selection-only", action="store_true", help="stop after phase A")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="JSONL",
+                        help="run lines (--runs-jsonl) of earlier runs to take instead of running them again")
     parser.add_argument("--workdir", type=Path, default=Path("quality_work"))
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default benchmarks/results/quality_<device>.json)")
@@ -105,76 +152,125 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; known: {METHODS}")
+    try:
+        method_lrs = _method_lrs(args.method_lrs)
+    except ValueError as err:
+        parser.error(f"--method-lrs: {err}")
+    missing = [str(p) for p in args.reuse if not p.is_file()]
+    if missing:
+        parser.error(f"--reuse: no such file {missing}")
     out = args.out or utils.RESULTS_DIR / f"quality_{'gpu' if args.device.startswith('cuda') else 'cpu'}.json"
     base = [sys.executable, str(BENCH), "--device", args.device, "--threads", str(args.threads), *passthrough]
+    shape = _bench_shape(passthrough)
+    budgets = sorted(set(args.budgets), reverse=True)
+    sweep_budgets = sorted(set(args.sweep_budgets or budgets), reverse=True)
+    sweep_dir, grid_dir = args.workdir / "sweep", args.workdir / "grid"
 
-    # Phase A: candidates on the validation split
-    sweep_dir = args.workdir / "sweep"
+    def known_runs() -> dict[str, dict]:
+        """Every finished run: the --reuse files, then this work folder (the later line wins)."""
+        files = [*args.reuse, *sorted(sweep_dir.glob("*.jsonl")), *sorted(grid_dir.glob("*.jsonl"))]
+        runs = {}
+        for r in read_runs(files):
+            if r.get("status") == "ok":
+                runs[record_key(r)] = r
+        return runs
+
+    # Phase A: candidates on the validation split, per budget
     candidates = []
-    # an alias (acip_per_budget) is the same method at the sweep budget: it takes its base method's choice
+    # an alias (acip_per_budget) is its base method: it takes the base method's choices
     for m in dict.fromkeys(ALIASES.get(m, m) for m in args.methods):
-        for options in [{}, *EXTRA_OPTIONS.get(m, [])]:
-            for lr in args.lrs:
-                candidates.append({"method": m, "lr": lr, "options": options, "name": f"{m}_{len(candidates)}"})
+        for options in [DEFAULT_METHOD_OPTIONS.get(m, {}), *EXTRA_OPTIONS.get(m, [])]:
+            for lr in method_lrs.get(m, args.lrs):
+                for b in ([None] if m == "dense" else sweep_budgets):
+                    candidates.append({"method": m, "budget": b, "lr": lr, "options": options,
+                                       "name": f"{m}_b{b}_lr{lr:g}_{len(candidates)}"})
+    done = known_runs()
     jobs = []
     for c in candidates:
-        c["jsonl"] = str(sweep_dir / f"{c['name']}.jsonl")
-        argv_c = [*base, "--methods", c["method"], "--seeds", "0", "--budgets", str(args.sweep_budget),
+        c["key"] = run_key(c["method"], c["budget"], c["lr"], c["options"], 0, "val", shape)
+        if c["key"] in done:
+            continue
+        argv_c = [*base, "--methods", c["method"], "--seeds", "0", "--budgets", str(c["budget"] or 0.5),
                   "--eval-split", "val", "--method-lr", f"{c['method']}={c['lr']}",
-                  "--runs-jsonl", c["jsonl"], "--out", str(sweep_dir / f"{c['name']}.json")]
-        if c["options"]:
-            argv_c += ["--method-options", f"{c['method']}={json.dumps(c['options'])}"]
+                  "--method-options", f"{c['method']}={json.dumps(c['options'])}",
+                  "--runs-jsonl", str(sweep_dir / f"{c['name']}.jsonl"), "--out", str(sweep_dir / f"{c['name']}.json")]
         jobs.append((c["name"], argv_c))
-    print(f"phase A: {len(jobs)} candidates, {args.parallel} at a time", flush=True)
+    print(f"phase A: {len(candidates)} candidates, {len(candidates) - len(jobs)} already run, "
+          f"{len(jobs)} to run, {args.parallel} at a time", flush=True)
     t0 = time.monotonic()
     codes = run_pool(jobs, args.parallel, t0 + args.phase_a_s, sweep_dir / "logs")
-    chosen = {}
+    done = known_runs()
+    chosen: dict[tuple[str, float | None], dict] = {}
     for c in candidates:
-        runs = [r for r in read_runs([c["jsonl"]]) if r["status"] == "ok" and
-                (r["budget"] is None or abs(r["budget"] - args.sweep_budget) < 1e-9)]
-        c["val_acc"] = runs[0]["acc"] if runs else None
-        c["exit"] = codes.get(c["name"])
-        best = chosen.get(c["method"])
-        if c["val_acc"] is not None and (best is None or c["val_acc"] > best["val_acc"]):
-            chosen[c["method"]] = c
+        run = done.get(c["key"])
+        c["val_acc"] = run["acc"] if run else None
+        c["exit"] = codes.get(c["name"], "reused" if run else None)
+        best = chosen.get((c["method"], c["budget"]))
+        if c["val_acc"] is not None and (best is None or c["val_acc"] > best["val_acc"]
+                                         or (c["val_acc"] == best["val_acc"] and c["lr"] < best["lr"])):
+            chosen[(c["method"], c["budget"])] = c
     phase_a_s = time.monotonic() - t0
-    selection = {"sweep_budget": args.sweep_budget, "lrs": args.lrs, "phase_a_s": phase_a_s,
-                 "candidates": [{k: c[k] for k in ("method", "lr", "options", "val_acc", "exit")} for c in candidates],
-                 "chosen": {m: {"lr": c["lr"], "options": c["options"], "val_acc": c["val_acc"]}
-                            for m, c in chosen.items()}}
+    fields = ("method", "budget", "lr", "options", "val_acc", "exit")
+    selection = {"sweep_budgets": sweep_budgets, "lrs": args.lrs, "method_lrs": method_lrs, "phase_a_s": phase_a_s,
+                 "reused_from": [str(p) for p in args.reuse],
+                 "candidates": [{k: c[k] for k in fields} for c in candidates],
+                 "chosen": [{k: c[k] for k in fields if k != "exit"} for c in chosen.values()]}
     sel_path = out.with_name(out.stem + "_selection.json")
     utils.write_results(sel_path, selection["candidates"], kind="quality_selection", meta=selection)
-    for alias, base_method in ALIASES.items():
-        if alias in args.methods and base_method in chosen:
-            chosen[alias] = {**chosen[base_method], "method": alias}
+
+    def choice(m: str, b: float | None) -> dict | None:
+        """The chosen candidate of bench method ``m`` at budget ``b`` (nearest swept budget)."""
+        base_m = ALIASES.get(m, m)
+        if base_m == "dense":
+            return chosen.get(("dense", None))
+        if m in ONE_RUN_ALL_BUDGETS:
+            b = min(budgets)  # one run trained to the smallest budget gives them all
+        near = min(sweep_budgets, key=lambda s: (abs(s - b), -s))
+        return chosen.get((base_m, near))
+
+    plan = []  # (method, seed, candidate, budgets) of phase B
     for m in args.methods:
-        c = chosen.get(m)
-        print(f"  {m:12s} " + (f"lr {c['lr']:g} {c['options'] or ''} val acc {c['val_acc']:.3f}" if c else
-                                "no finished candidate: left out of phase B"), flush=True)
+        groups: dict[str, tuple[dict, list]] = {}
+        for b in ([None] if m == "dense" else budgets):
+            c = choice(m, b)
+            if c is None:
+                print(f"  {m:16s} budget {b}: no finished candidate, left out of phase B", flush=True)
+                continue
+            print(f"  {m:16s} budget {b}: lr {c['lr']:g} {c['options'] or ''} (val acc {c['val_acc']:.3f})", flush=True)
+            groups.setdefault(c["key"], (c, []))[1].append(b)
+        for seed in args.seeds:
+            for c, bs in groups.values():
+                plan.append((m, seed, c, bs))
+    if args.selection_only:
+        return 0
 
     # Phase B: the grid on the test set
-    grid_dir = args.workdir / "grid"
-    order = sorted(chosen, key=lambda m: m == "dense")  # the longer joint runs first
+    def grid_keys(m, seed, c, bs):
+        return [run_key(m, b, c["lr"], c["options"], seed, "test", shape) for b in bs]
+
+    done = known_runs()
     jobs = []
-    for seed in args.seeds:
-        for m in order:
-            c = chosen[m]
-            name = f"{m}_s{seed}"
-            argv_g = [*base, "--methods", m, "--seeds", str(seed), "--budgets", *map(str, args.budgets),
-                      "--method-lr", f"{m}={c['lr']}", "--runs-jsonl", str(grid_dir / f"{name}.jsonl"),
-                      "--out", str(grid_dir / f"{name}.json")]
-            if c["options"]:
-                argv_g += ["--method-options", f"{m}={json.dumps(c['options'])}"]
-            jobs.append((name, argv_g))
-    print(f"phase B: {len(jobs)} runs, {args.parallel} at a time", flush=True)
+    for m, seed, c, bs in sorted(plan, key=lambda p: p[0] == "dense"):  # the longer joint runs first
+        if all(k in done for k in grid_keys(m, seed, c, bs)):
+            continue
+        name = f"{m}_s{seed}_lr{c['lr']:g}_{len(jobs)}"
+        argv_g = [*base, "--methods", m, "--seeds", str(seed), "--budgets", *(str(b or 0.5) for b in bs),
+                  "--method-lr", f"{m}={c['lr']}", "--method-options", f"{m}={json.dumps(c['options'])}",
+                  "--runs-jsonl", str(grid_dir / f"{name}.jsonl"), "--out", str(grid_dir / f"{name}.json")]
+        jobs.append((name, argv_g))
+    print(f"phase B: {len(plan)} runs planned, {len(plan) - len(jobs)} already run, {len(jobs)} to run, "
+          f"{args.parallel} at a time", flush=True)
     t1 = time.monotonic()
     run_pool(jobs, args.parallel, t1 + args.phase_b_s, grid_dir / "logs")
-    files = sorted(str(p) for p in grid_dir.glob("*.jsonl"))
-    if not files:
+    done = known_runs()
+    chosen_runs = [done[k] for m, seed, c, bs in plan for k in grid_keys(m, seed, c, bs) if k in done]
+    if not chosen_runs:
         print("phase B finished no run")
         return 1
-    merge = [sys.executable, str(BENCH), "--merge", *files, "--out", str(out), *passthrough]
-    print(f"phase B took {time.monotonic() - t1:.0f} s; merging {len(files)} files", flush=True)
+    merged = args.workdir / "grid_chosen.jsonl"
+    merged.write_text("".join(json.dumps(r) + "\n" for r in chosen_runs), encoding="utf-8")
+    merge = [sys.executable, str(BENCH), "--merge", str(merged), "--out", str(out), *passthrough]
+    print(f"phase B took {time.monotonic() - t1:.0f} s; merging {len(chosen_runs)} runs", flush=True)
     return subprocess.call(merge)
 
 
