@@ -44,7 +44,11 @@ def write_json(path: str | os.PathLike, payload, **kwargs) -> None:
 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` with ``metadata`` plus their per-tensor CRC-32 (see :mod:`lrcomp.integrity`)."""
     from safetensors.torch import save_file
 
+    from lrcomp import integrity
+
+    metadata = {**(metadata or {}), integrity.CHECKSUM_KEY: integrity.checksums(tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

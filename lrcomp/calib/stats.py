@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -153,22 +152,12 @@ class CalibrationStats(Mapping):
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
         """Read a file written by :meth:`save`."""
-        from safetensors import safe_open
+        from lrcomp import integrity
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"path={str(path)!r} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                if metadata.get("format") != _FORMAT:
-                    raise ValueError(f"path={str(path)!r} is not a CalibrationStats file "
-                                     f"(metadata format={metadata.get('format')!r})")
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except ValueError:
-            raise
-        except Exception as err:  # safetensors raises its own error types on corrupt files
-            raise ValueError(f"path={str(path)!r} could not be read as safetensors: {err}") from err
+        tensors, metadata = integrity.read_safetensors(path, "calibration statistics file")  # damaged: ValueError
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"path={str(path)!r} is not a CalibrationStats file "
+                             f"(metadata format={metadata.get('format')!r})")
         order = json.loads(metadata.get("layers", "[]"))
         stats: dict[str, dict[str, Tensor]] = {name: {} for name in order}
         for key, tensor in tensors.items():

@@ -67,20 +67,18 @@ Needs transformers >= 5 (written against 5.23: ``HfQuantizer.preprocess_model`` 
 
 from __future__ import annotations
 
-import ctypes
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import json
 import re
 import sys
 import warnings
-import zlib
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from lrcomp import integrity
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.layers.masks import validate_mask_fn
 
@@ -95,7 +93,7 @@ _HOOK_TARGET = "transformers.quantizers.auto"
 # in its load report, so the report itself tells what is missing.
 HINT_KEY = "lrcomp.import_lrcomp_to_load_this_checkpoint"
 # safetensors metadata entry: JSON {tensor name: [crc32 hex, dtype, shape]} of the saved state dict
-CHECKSUM_KEY = "lrcomp_crc32"
+CHECKSUM_KEY = integrity.CHECKSUM_KEY
 
 __all__ = [
     "FORMAT_VERSION",
@@ -212,32 +210,8 @@ def _read_headers(checkpoint_files: list[str]) -> tuple[dict[str, tuple[int, ...
         except Exception as err:  # safetensors' own SafetensorError (a bare Exception subclass), OSError
             raise ValueError(f"the lrcomp checkpoint file {str(file)!r} cannot be read as safetensors ({err}): it is "
                              f"truncated or corrupted; nothing was loaded") from err
-        if CHECKSUM_KEY in metadata:
-            try:
-                entry = json.loads(metadata[CHECKSUM_KEY])
-                if not isinstance(entry, dict) or not all(
-                        isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) for v in entry.values()):
-                    raise ValueError("not an object of [crc32, dtype, shape] entries")
-            except ValueError as err:
-                raise ValueError(f"the lrcomp checkpoint file {str(file)!r} has a corrupted {CHECKSUM_KEY!r} metadata "
-                                 f"entry ({err}); nothing was loaded") from None
-            checksums.update(entry)
+        checksums.update(integrity.parse_checksums(metadata, f"the lrcomp checkpoint file {str(file)!r}"))
     return shapes, checksums
-
-
-def _crc32(tensor: torch.Tensor) -> str:
-    """CRC-32 (hex) of a tensor's bytes in memory (contiguous, on the CPU): what safetensors writes for it."""
-    data = tensor.detach().to("cpu").contiguous()
-    size = data.numel() * data.element_size()
-    if size == 0:
-        return f"{zlib.crc32(b''):08x}"
-    return f"{zlib.crc32((ctypes.c_ubyte * size).from_address(data.data_ptr())):08x}"
-
-
-def _checksums(state_dict: dict[str, torch.Tensor]) -> str:
-    """The :data:`CHECKSUM_KEY` metadata entry of a state dict."""
-    return json.dumps({key: [_crc32(t), str(t.dtype), list(t.shape)] for key, t in state_dict.items()},
-                      separators=(",", ":"))
 
 
 def _verify_checksums(model: nn.Module, checksums: dict[str, list], where: str) -> None:
@@ -245,20 +219,19 @@ def _verify_checksums(model: nn.Module, checksums: dict[str, list], where: str) 
     if not checksums:
         return
     state = model.state_dict()
-    bad = []
-    for key, (crc, dtype, shape) in checksums.items():
+    loaded = {}
+    for key, (_, dtype, shape) in checksums.items():
         name = _model_name(model, key, state)
         if name is None:
             continue  # not part of this model (e.g. the head of a checkpoint loaded into its base model)
         tensor = state[name]
         if tensor.device.type == "meta" or str(tensor.dtype) != dtype or list(tensor.shape) != shape:
             continue  # cast while loading (from_pretrained(dtype=...)) or offloaded: the saved bytes are not there
-        if _crc32(tensor) != crc:
-            bad.append(name)
+        loaded[key] = tensor
+    bad = [_model_name(model, key, state) for key in integrity.mismatches(loaded, checksums)]
     if bad:
-        listed = ", ".join(repr(b) for b in bad[:5]) + (f", ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
         raise ValueError(f"the lrcomp checkpoint {where} is corrupted: {len(bad)} tensor(s) differ from the saved "
-                         f"ones (CRC-32 mismatch): {listed}; load it again from an intact copy")
+                         f"ones (CRC-32 mismatch): {integrity.describe(bad)}; load it again from an intact copy")
 
 
 def _check_checkpoint(shapes: dict[str, tuple[int, ...]], pattern: dict[str, dict[str, Any]], where: str) -> None:
@@ -446,7 +419,7 @@ def _build_classes() -> tuple[type, type]:
             self.quantization_config.rank_pattern = pattern
             model.config.quantization_config = self.quantization_config
             state_dict = model.state_dict()
-            checksums = _checksums(state_dict)
+            checksums = integrity.checksums(state_dict)
             guards = {f"{name}.weight": layer.V.dtype for name, layer in _lowrank_layers(model).items()}
             guards[HINT_KEY] = next(iter(guards.values()))  # the model's dtype, whatever infers it from the file
             for key, dtype in guards.items():

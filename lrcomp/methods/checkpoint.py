@@ -6,8 +6,10 @@ the optimizer's parameter order), ``method.<key>`` (method tensors) and ``rng.cp
 Metadata (JSON strings): the step, the structure of every targeted layer (rank, LoRA, dense
 branch, scales), the optimizer's parameter groups and scalar state, the method's JSON state.
 
-Loading first reshapes each low-rank layer to the saved rank (new parameters, swapped into
-the optimizer), so a run that compacted its layers resumes exactly where it stopped.
+Every tensor carries a CRC-32 (:mod:`lrcomp.integrity`): a truncated or corrupted file is refused
+with a ValueError naming it before anything is loaded. Loading first reshapes each low-rank layer to
+the saved rank (new parameters, swapped into the optimizer), so a run that compacted its layers resumes
+exactly where it stopped.
 
 Under ``torch.distributed`` both are collective (every rank calls them): the model, optimizer and
 method state are the same on every rank, so rank 0 alone writes the file while the others wait at a
@@ -22,10 +24,9 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
-from lrcomp import atomic
+from lrcomp import atomic, integrity
 from lrcomp import distributed as dist_utils
 from lrcomp.layers.lowrank_linear import LowRankLinear, _swap_in_optimizer
 
@@ -111,11 +112,9 @@ def _reshape(module: LowRankLinear, info: dict[str, Any], optimizer) -> None:
 
 
 def load(comp: Compressor, path) -> None:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an lrcomp checkpoint (format {metadata.get('format')!r})")
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors, metadata = integrity.read_safetensors(path, "training checkpoint")  # truncated / corrupted: ValueError
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an lrcomp checkpoint (format {metadata.get('format')!r})")
     if metadata["method"] != comp.config.method:
         raise ValueError(f"{path} is a checkpoint of method {metadata['method']!r}, not {comp.config.method!r}")
     model = comp.model

@@ -22,6 +22,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import lrcomp  # noqa: E402
+from lrcomp import integrity  # noqa: E402
 from lrcomp.integrations import hf  # noqa: E402
 from lrcomp.integrations.hf import mark_lowrank, rank_pattern, to_dense  # noqa: E402
 from lrcomp.layers import LowRankLinear  # noqa: E402
@@ -254,7 +255,7 @@ def test_flipped_bytes_in_the_weights_are_a_clear_error(tmp_path):
         checksums = json.loads(f.metadata()[hf.CHECKSUM_KEY])
     state = model.state_dict()
     assert checksums.keys() == state.keys()
-    assert checksums[f"{QUERY0}.U"] == [hf._crc32(state[f"{QUERY0}.U"]), "torch.float32", [32, 3]]
+    assert checksums[f"{QUERY0}.U"] == [integrity.crc32(state[f"{QUERY0}.U"]), "torch.float32", [32, 3]]
     blob = open(_weights(path), "rb").read()
     header = 8 + int.from_bytes(blob[:8], "little")
     offsets = json.loads(blob[8:header])
