@@ -267,7 +267,8 @@ class Compressor:
                 total = total + self.distill_weight * kd
                 terms["kd"] = float(kd.detach())
             if self._student_tap is not None:
-                feat = feature_loss(self._student_tap.outputs, self._teacher_tap.outputs)
+                wrapped = self._ddp_kwargs is not None or self._fsdp is not None  # gradients averaged over ranks
+                feat = feature_loss(self._student_tap.outputs, self._teacher_tap.outputs, over_ranks=wrapped)
                 if feat is not None:
                     total = total + self.feature_weight * feat
                     terms["feature"] = float(feat.detach())

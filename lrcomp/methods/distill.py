@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrcomp import distributed as dist_utils
+
 
 def logits_of(outputs) -> Tensor | None:
     """The logits of a model output: ``.logits``, ``["logits"]``, a tensor, or the first tensor of a tuple."""
@@ -40,8 +42,8 @@ def call_model(model: nn.Module, batch):
 def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """``T^2 KL(p_t || p_s)`` over the last dim, averaged over the other dims."""
     t = float(temperature)
-    log_s = F.log_softmax(student.float() / t, dim=-1)
-    log_t = F.log_softmax(teacher.float() / t, dim=-1)
+    log_s = F.log_softmax(_wide(student) / t, dim=-1)
+    log_t = F.log_softmax(_wide(teacher) / t, dim=-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     return kl.mean() * t * t
 
@@ -73,9 +75,20 @@ class FeatureTap:
         self.outputs = {}
 
 
-def feature_loss(student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tensor | None:
-    """Mean over the shared layers of the relative squared error of the student's outputs."""
-    terms = []
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in at least fp32 (fp64 stays fp64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def feature_loss(student: dict[str, Tensor], teacher: dict[str, Tensor], *, over_ranks: bool = False) -> Tensor | None:
+    """Mean over the shared layers of the relative squared error of the student's outputs.
+
+    ``over_ranks=True`` is for a model trained under DDP / FSDP, which average the gradients over
+    the ranks: each layer's denominator ``||y_t||^2`` is summed over the ranks' batches and the
+    term scaled by the world size, so the averaged gradient is that of the relative error over
+    the whole global batch (as one process on all the data), not the mean of per-rank ratios.
+    """
+    errors, norms = [], []
     for name, ys in student.items():
         yt = teacher.get(name)
         if yt is None:
@@ -83,5 +96,12 @@ def feature_loss(student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tens
         if ys.shape != yt.shape:
             raise ValueError(f"feature distillation: layer {name!r} gives {tuple(ys.shape)} in the student but "
                              f"{tuple(yt.shape)} in the teacher")
-        terms.append((ys.float() - yt.float()).square().sum() / yt.float().square().sum().clamp_min(1e-12))
-    return torch.stack(terms).mean() if terms else None
+        errors.append((_wide(ys) - _wide(yt)).square().sum())
+        norms.append(_wide(yt).detach().square().sum())
+    if not errors:
+        return None
+    norms_t, scale = torch.stack(norms), 1
+    if over_ranks and dist_utils.world_size() > 1:
+        dist_utils.all_reduce_sum_(norms_t)
+        scale = dist_utils.world_size()
+    return (torch.stack(errors) / norms_t.clamp_min(1e-12)).mean() * scale
