@@ -25,7 +25,9 @@ Differences from the paper: the paper decays the pretrained layer's bias togethe
 (``lam (W0 x + b0)``) and trains a new adapter bias ``C`` initialised at 0; here the layer keeps
 one trainable bias initialised at ``b0`` (same output at ``t = 0``, one bias at the end either
 way). ``init="svd"`` (not in the paper) starts ``B A`` at the truncated SVD of ``W0``
-(``B = U_q sqrt(S_q)``, ``A = sqrt(S_q) V_q``) instead of LoRA's zero product.
+(``B = U_q sqrt(S_q)``, ``A = sqrt(S_q) V_q``) instead of LoRA's zero product; ``init="svd_llm"`` (not in
+the paper either) at the truncation whitened by the calibrated input covariance (SVD-LLM, the factors that
+minimise the layer's output error on the calibration data; needs ``calib_data``).
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lrcomp.compression.factorizations import factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods.base import JointMethod
 from lrcomp.methods.schedules import decay
 
 PC_LORA_SCHEDULES = ("linear", "cosine", "sine")
-PC_LORA_INITS = ("lora", "svd")
+PC_LORA_INITS = ("lora", "svd", "svd_llm")
 
 
 @dataclasses.dataclass
@@ -56,7 +59,8 @@ class PCLoRAOptions:
             decay end point ``q`` of its schedule ``lam(n)``, as a fraction of the run).
         schedule: shape of the decay: "linear" ``1 - p``, "cosine" ``(1 + cos(pi p)) / 2`` or
             "sine" ``1 - sin(pi p / 2)`` (the three decay functions the paper compares).
-        init: "lora" (B = 0, A Kaiming-uniform, as LoRA and the paper) or "svd" (B A = truncated SVD of W0).
+        init: "lora" (B = 0, A Kaiming-uniform, as LoRA and the paper), "svd" (B A = truncated SVD of W0) or
+            "svd_llm" (B A = SVD-LLM's whitened truncation of W0; needs calibration data).
     """
 
     rank: int | None = None
@@ -102,6 +106,8 @@ class PCLoRA(JointMethod):
 
     def __init__(self, compressor) -> None:
         super().__init__(compressor)
+        if self.options.init == "svd_llm":  # instance attribute: the Compressor reads it after __init__
+            self.needed_stats = ("input_cov",)
         self.lam = 1.0
         self.ranks: dict[str, int] = {}
 
@@ -130,11 +136,11 @@ class PCLoRA(JointMethod):
                              f"budget={budget:g}; the largest rank within the budget is {uniform_rank(shapes, budget)}")
         self.ranks = ranks
         for name, linear in linears.items():
-            layer = self._adapter(linear, ranks[name])
+            layer = self._adapter(linear, ranks[name], None if stats is None else stats[name])
             model.set_submodule(name, layer)
         self.lam = 1.0
 
-    def _adapter(self, linear: nn.Linear, rank: int) -> LowRankLinear:
+    def _adapter(self, linear: nn.Linear, rank: int, stats) -> LowRankLinear:
         weight = linear.weight.detach()
         K, N = linear.in_features, linear.out_features
         layer = LowRankLinear(K, N, rank, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
@@ -142,11 +148,16 @@ class PCLoRA(JointMethod):
             if self.options.init == "lora":
                 nn.init.kaiming_uniform_(layer.V, a=math.sqrt(5))  # A, as LoRA
                 layer.U.zero_()  # B = 0: the run starts exactly at the dense model
-            else:
-                u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
-                root = s[:rank].sqrt()
-                layer.U.copy_(u[:, :rank] * root)
-                layer.V.copy_(root[:, None] * vh[:rank])
+            else:  # B A = U diag(S) V of the truncation, sqrt(S) on either side
+                if self.options.init == "svd":
+                    u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+                    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+                else:
+                    low = factorize(linear, rank, method="svd_llm", stats=stats)
+                    u, s, vh = low.U.double(), low.S.double(), low.V.double()
+                root = s.sqrt()
+                layer.U.copy_(u * root)
+                layer.V.copy_(root[:, None] * vh)
             layer.S.fill_(1.0)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 from toy import HID, IN, small_data, small_mlp
 
+import lrcomp
 from lrcomp.compression.config import CompressionConfig
+from lrcomp.compression.factorizations import factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods.compressor import Compressor
 from lrcomp.methods.pc_lora import PCLoRA, PCLoRAOptions, uniform_rank
@@ -167,6 +169,27 @@ def test_svd_init_and_explicit_rank():
     u, s, vh = torch.linalg.svd(w.double())
     best = (u[:, :4] * s[:4]) @ vh[:4]
     assert torch.allclose((layer.U * layer.d) @ layer.V, best.float(), atol=1e-5)
+
+
+def test_svd_llm_init_is_the_whitened_truncation():
+    x, _ = small_data(256, 5)
+    calib = [x[i:i + 64] for i in range(0, 256, 64)]
+    model = _pretrained()
+    config = CompressionConfig(method="pc_lora", budget=0.5, total_steps=10, target_modules=["0", "2"],
+                               method_options={"init": "svd_llm", "rank": 4})
+    Compressor(model, config, calib_data=calib)  # replaces the layers of model in place
+    stats = lrcomp.calibrate(_pretrained(), calib, stats=("input_cov",), target_modules=["0", "2"], progress=False)
+    linear = _pretrained().get_submodule("2")
+    ref = factorize(linear, 4, method="svd_llm", stats=stats["2"])
+    layer = model.get_submodule("2")
+    got = (layer.U * layer.d) @ layer.V
+    want = (ref.U * ref.d) @ ref.V
+    assert torch.allclose(got, want, atol=1e-5)
+    plain = factorize(linear, 4, method="svd")
+    assert not torch.allclose(got, (plain.U * plain.d) @ plain.V, atol=1e-3)  # whitening changed the subspace
+    assert layer.dense_weight is not None and layer.dense_scale == 1.0  # the dense branch still starts the run
+    with pytest.raises(ValueError, match="needs calibration statistics"):
+        Compressor(_pretrained(), config)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
