@@ -4,9 +4,11 @@ on a validation split, then run the seeds x budgets grid on the test set with th
 Phase A (selection): every candidate (method, lr, options) runs once per budget of
 ``--sweep-budgets`` (default: every budget), seed 0, scored on a validation split carved out of the
 training texts (``bench_quality.py --eval-split val``); the test set is not looked at. Each
-(method, budget) keeps its best candidate (ties: the smaller lr). The baselines are tuned the same
-way as the joint methods. ACIP's one run (trained to the smallest budget, every budget materialised
-from it) takes ACIP's choice at the smallest budget; ``acip_per_budget`` takes ACIP's choice at each.
+(method, budget) keeps its best candidate (ties: the smaller lr). With ``--extend-edges N``, a cell whose
+best lr is the largest (smallest) of the grid gets one more lr above (below) it, up to N rounds. The
+baselines are tuned the same way as the joint methods. ACIP's one run (trained to the smallest budget,
+every budget materialised from it) takes ACIP's choice at the smallest budget; ``acip_per_budget``
+takes ACIP's choice at each.
 Phase B (evaluation): each (method, budget, seed) runs with its chosen candidate on the test set;
 exactly those runs are merged into one results file and plot (``bench_quality.py --merge``).
 
@@ -123,6 +125,29 @@ def _method_lrs(values: list[str]) -> dict[str, list[float]]:
     return out
 
 
+def edge_candidates(candidates: list[dict]) -> list[tuple]:
+    """One more lr beyond the grid's edge for every (method, options, budget) whose best lr is at an edge.
+
+    The step is the ratio of the two nearest lrs of the grid (1e-4, 5e-4, 2e-3: x4 above, /5 below). A
+    group with fewer than two finished candidates gets none.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for c in candidates:
+        groups.setdefault((c["method"], json.dumps(c["options"], sort_keys=True), c["budget"]), []).append(c)
+    out = []
+    for (m, _, b), group in groups.items():
+        lrs = sorted({c["lr"] for c in group})
+        scored = [c for c in group if c["val_acc"] is not None]
+        if len(lrs) < 2 or len(scored) < 2:
+            continue
+        best = max(scored, key=lambda c: (c["val_acc"], -c["lr"]))
+        if best["lr"] == lrs[-1]:
+            out.append((m, b, lrs[-1] * lrs[-1] / lrs[-2], group[0]["options"]))
+        elif best["lr"] == lrs[0]:
+            out.append((m, b, lrs[0] * lrs[0] / lrs[1], group[0]["options"]))
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -142,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--phase-a-s", type=float, default=3600, help="deadline of phase A in seconds")
     parser.add_argument("--phase-b-s", type=float, default=4 * 3600, help="deadline of phase B in seconds")
+    parser.add_argument("--extend-edges", type=int, default=0, metavar="N",
+                        help="up to N rounds of one more lr beyond the grid wherever the best lr is at its edge")
     parser.add_argument("--selection-only", action="store_true", help="stop after phase A")
     parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="JSONL",
                         help="run lines (--runs-jsonl) of earlier runs to take instead of running them again")
@@ -151,6 +178,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(own)
     if args.parallel < 1:
         parser.error("--parallel must be >= 1")
+    if args.extend_edges < 0:
+        parser.error("--extend-edges must be >= 0")
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; known: {METHODS}")
@@ -179,34 +208,49 @@ def main(argv=None) -> int:
 
     # Phase A: candidates on the validation split, per budget
     candidates = []
+
+    def add(m: str, b: float | None, lr: float, options: dict) -> None:
+        candidates.append({"method": m, "budget": b, "lr": lr, "options": options,
+                           "name": f"{m}_b{b}_lr{lr:g}_{len(candidates)}",
+                           "key": run_key(m, b, lr, options, 0, "val", shape)})
+
     # an alias (acip_per_budget) is its base method: it takes the base method's choices
     for m in dict.fromkeys(ALIASES.get(m, m) for m in args.methods):
         for options in [DEFAULT_METHOD_OPTIONS.get(m, {}), *EXTRA_OPTIONS.get(m, [])]:
             for lr in method_lrs.get(m, args.lrs):
                 for b in ([None] if m == "dense" else sweep_budgets):
-                    candidates.append({"method": m, "budget": b, "lr": lr, "options": options,
-                                       "name": f"{m}_b{b}_lr{lr:g}_{len(candidates)}"})
-    done = known_runs()
-    jobs = []
-    for c in candidates:
-        c["key"] = run_key(c["method"], c["budget"], c["lr"], c["options"], 0, "val", shape)
-        if c["key"] in done:
-            continue
-        argv_c = [*base, "--methods", c["method"], "--seeds", "0", "--budgets", str(c["budget"] or 0.5),
-                  "--eval-split", "val", "--method-lr", f"{c['method']}={c['lr']}",
-                  "--method-options", f"{c['method']}={json.dumps(c['options'])}",
-                  "--runs-jsonl", str(sweep_dir / f"{c['name']}.jsonl"), "--out", str(sweep_dir / f"{c['name']}.json")]
-        jobs.append((c["name"], argv_c))
-    print(f"phase A: {len(candidates)} candidates, {len(candidates) - len(jobs)} already run, "
-          f"{len(jobs)} to run, {args.parallel} at a time", flush=True)
+                    add(m, b, lr, options)
     t0 = time.monotonic()
-    codes = run_pool(jobs, args.parallel, t0 + args.phase_a_s, sweep_dir / "logs")
-    done = known_runs()
+    codes: dict[str, int | None] = {}
+    for round_ in range(args.extend_edges + 1):
+        done = known_runs()
+        jobs = []
+        for c in candidates:
+            if c["key"] in done or c["name"] in codes:
+                continue
+            argv_c = [*base, "--methods", c["method"], "--seeds", "0", "--budgets", str(c["budget"] or 0.5),
+                      "--eval-split", "val", "--method-lr", f"{c['method']}={c['lr']}",
+                      "--method-options", f"{c['method']}={json.dumps(c['options'])}",
+                      "--runs-jsonl", str(sweep_dir / f"{c['name']}.jsonl"),
+                      "--out", str(sweep_dir / f"{c['name']}.json")]
+            jobs.append((c["name"], argv_c))
+        print(f"phase A{f' (edge round {round_})' if round_ else ''}: {len(candidates)} candidates, "
+              f"{len(candidates) - len(jobs)} already run, {len(jobs)} to run, {args.parallel} at a time", flush=True)
+        codes.update(run_pool(jobs, args.parallel, t0 + args.phase_a_s, sweep_dir / "logs"))
+        done = known_runs()
+        for c in candidates:
+            run = done.get(c["key"])
+            c["val_acc"] = run["acc"] if run else None
+            c["exit"] = codes.get(c["name"], "reused" if run else None)
+        if round_ == args.extend_edges:
+            break
+        edges = edge_candidates(candidates)
+        if not edges:
+            break
+        for m, b, lr, options in edges:
+            add(m, b, lr, options)
     chosen: dict[tuple[str, float | None], dict] = {}
     for c in candidates:
-        run = done.get(c["key"])
-        c["val_acc"] = run["acc"] if run else None
-        c["exit"] = codes.get(c["name"], "reused" if run else None)
         best = chosen.get((c["method"], c["budget"]))
         if c["val_acc"] is not None and (best is None or c["val_acc"] > best["val_acc"]
                                          or (c["val_acc"] == best["val_acc"] and c["lr"] < best["lr"])):
@@ -214,6 +258,7 @@ def main(argv=None) -> int:
     phase_a_s = time.monotonic() - t0
     fields = ("method", "budget", "lr", "options", "val_acc", "exit")
     selection = {"sweep_budgets": sweep_budgets, "lrs": args.lrs, "method_lrs": method_lrs, "phase_a_s": phase_a_s,
+                 "extend_edges": args.extend_edges,
                  "reused_from": [str(p) for p in args.reuse],
                  "candidates": [{k: c[k] for k in fields} for c in candidates],
                  "chosen": [{k: c[k] for k in fields if k != "exit"} for c in chosen.values()]}

@@ -48,6 +48,8 @@ FAKE_BENCH = textwrap.dedent('''
             # the one ACIP run is trained to the smallest budget: its lr is judged there
             judged = min(budgets) if method == "acip" else b
             acc = 0.6 + (0.1 if BEST[base][judged] == lr else 0.0) + 0.001 * seed
+            if base == "acip" and judged == 0.8 and abs(lr - 2.5e-3) < 1e-12:
+                acc = 0.9  # beyond the grid's upper edge
             rec = {"method": method, "status": "ok", "seed": seed, "budget": b, "acc": acc, "kept": b or 1.0,
                    "wall_s": 1.0, "lr": lr, "options": options, "eval_split": a.eval_split or "test",
                    "steps": int(a.steps or 200), "batch_size": 16, "max_length": 48, "device": "cpu"}
@@ -135,3 +137,18 @@ def test_bad_arguments(tmp_path, fake_bench, capsys):
         quality_sweep.main(["--reuse", str(tmp_path / "missing.jsonl")])
     err = capsys.readouterr().err
     assert "unknown ['nope']" in err and "METHOD=LR" in err and "no such file" in err
+
+
+def test_edge_extension_tries_one_more_lr_beyond_the_grid(tmp_path, fake_bench):
+    assert _sweep(tmp_path, "--selection-only", "--extend-edges", "2") == 0
+    meta = json.loads((tmp_path / "q_selection.json").read_text())["meta"]
+    picks = {(c["method"], c["budget"]): c["lr"] for c in meta["chosen"]}
+    assert picks[("acip", 0.8)] == pytest.approx(2.5e-3)  # found beyond the edge
+    assert picks[("seq_svd", 0.3)] == 5e-4 and picks[("seq_svd", 0.8)] == 1e-4  # the extension lost
+    tried = sorted((c["method"], c["budget"], round(c["lr"], 9)) for c in meta["candidates"])
+    # every cell had its best at an edge: 5 cells x 2 lrs, then one lr beyond each (/5 below, x5 above)
+    assert ("seq_svd", 0.8, 2e-5) in tried and ("seq_svd", 0.3, 2.5e-3) in tried and ("dense", None, 2.5e-3) in tried
+    # round 2: only acip at 0.8 was best at its (new) edge
+    assert ("acip", 0.8, 0.0125) in tried
+    assert len(tried) == 10 + 5 + 1
+    assert not [c for c in _calls(fake_bench) if c["split"] == "test"]  # --selection-only
