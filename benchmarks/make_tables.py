@@ -41,9 +41,10 @@ LAYOUTS = {
         ("rel_err_max", "layer err max", ".3f"), ("cos_mean", "cos mean", ".3f"), ("cos_min", "cos min", ".3f"),
         ("t_dense_ms", "dense (ms)", ".1f"), ("t_lowrank_ms", "compressed (ms)", ".1f"),
         ("speed_ratio", "time ratio", ".3f"), ("speed_ratio_min", "ratio of minima", ".3f")]),
-    "quality_selection": ("Quality, phase A: every candidate (method, lr, options) at the sweep budget, seed 0, "
-                          "accuracy on a validation split carved out of the training texts", [
-        ("method", "method", ""), ("lr", "lr", "g"), ("options", "options", ""), ("val_acc", "val accuracy", ".3f")]),
+    "quality_selection": ("Quality, phase A: every candidate (method, budget, lr, options), seed 0, accuracy on a "
+                          "validation split carved out of the training texts", [
+        ("method", "method", ""), ("budget", "budget", ".2f"), ("lr", "lr", "g"), ("options", "options", ""),
+        ("val_acc", "val accuracy", ".3f"), ("exit", "run", "")]),
     "quality": ("Quality: MiniLM fine-tuned on fortune categories, test accuracy at a budget of the encoder "
                 "linears (dense FT, fine-tune -> compress -> fine-tune, joint methods; same total steps)", [
         ("method", "method", ""), ("budget", "budget", ".2f"), ("seeds_str", "seeds", ""),

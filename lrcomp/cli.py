@@ -298,6 +298,15 @@ def _is_causal_model(model: nn.Module) -> bool:
     return _is_causal_architecture(type(model).__name__)
 
 
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _lowrank_layers(model: nn.Module) -> dict[str, nn.Module]:
     from lrcomp.layers import LowRankLinear
 

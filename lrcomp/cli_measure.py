@@ -34,6 +34,7 @@ from lrcomp.cli import (
     _load_texts,
     _load_tokenizer,
     _lowrank_layers,
+    _max_positions,
     _model_dir,
     _one_line,
     _transformers,
@@ -95,15 +96,6 @@ def perplexity(model: nn.Module, input_ids: Tensor, window: int, batch_size: int
     return {"windows": n_windows, "tokens": int(input_ids.numel()), "predicted_tokens": predicted,
             "dropped_tokens": int(input_ids.numel() - n_windows * window), "nll_mean": nll_mean,
             "perplexity": math.exp(nll_mean)}
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _embed_all(model: nn.Module, tokenizer, texts: list[str], batch_size: int, max_length: int, desc: str) -> Tensor:

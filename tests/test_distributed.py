@@ -13,7 +13,8 @@ exactly); on every rank they are the same bits. Trained parameters agree with th
 its movement / first-order scores are fp32 buffers by design (averaged over the ranks in fp32: ~1e-8
 apart) and the sparsity-aware SVD at the boundary turns them into the factors (observed ~2e-7); PC-LoRA,
 whose feature distillation normalises each layer by the teacher's energy summed over the ranks, to ``1e-12``
-(with per-rank normalisation it was ~1.6e-3 away). The two ranks agree bitwise, and a resumed run bitwise with the uninterrupted one.
+(with per-rank normalisation it was ~1.6e-3 away). The two ranks agree bitwise, and a resumed run bitwise
+with the uninterrupted one.
 
 FSDP2 (``comp.wrap_fsdp``; FSDP reduce-scatters the averaged gradient, so the same single-process run is
 the reference, with the same tolerances): ACIP with one FSDP group (the root: its penalty reads the scores
@@ -46,7 +47,8 @@ from lrcomp.layers import LowRankLinear  # noqa: E402
 
 WORLD = 2
 STEPS = 24
-FSDP_UNITS = {"acip": None, "lpaf": ["0", "2"], "pc_lora": None}  # root only (ACIP's penalty) / the targeted layers as groups
+# root only (ACIP's penalty, PC-LoRA) / the targeted layers as groups
+FSDP_UNITS = {"acip": None, "lpaf": ["0", "2"], "pc_lora": None}
 CKPT_AT = 9  # LPAF's boundary is step 12: the resumed run factors its layers; ACIP has pruned already
 STATS = ("input_cov", "grad_cov", "input_abs_mean", "fisher")
 ATOL = {"acip": 1e-12, "lpaf": 1e-6, "pc_lora": 1e-12}
