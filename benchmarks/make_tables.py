@@ -44,7 +44,7 @@ LAYOUTS = {
     "quality_selection": ("Quality, phase A: every candidate (method, budget, lr, options), seed 0, accuracy on a "
                           "validation split carved out of the training texts", [
         ("method", "method", ""), ("budget", "budget", ".2f"), ("lr", "lr", "g"), ("options", "options", ""),
-        ("val_acc", "val accuracy", ".3f"), ("exit", "run", "")]),
+        ("val_acc", "val accuracy", ".3f"), ("exit", "run", ""), ("device", "device", "")]),
     "quality": ("Quality: MiniLM fine-tuned on fortune categories, test accuracy at a budget of the encoder "
                 "linears (dense FT, fine-tune -> compress -> fine-tune, joint methods; same total steps)", [
         ("method", "method", ""), ("budget", "budget", ".2f"), ("seeds_str", "seeds", ""),

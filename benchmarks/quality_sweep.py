@@ -241,7 +241,8 @@ def main(argv=None) -> int:
         for c in candidates:
             run = done.get(c["key"])
             c["val_acc"] = run["acc"] if run else None
-            c["exit"] = codes.get(c["name"], "reused" if run else None)
+            c["exit"] = codes.get(c["name"], "reused" if run else None)  # reused: found among the runs made before
+            c["device"] = (run.get("device_name") or run.get("device")) if run else None
         if round_ == args.extend_edges:
             break
         edges = edge_candidates(candidates)
@@ -256,12 +257,12 @@ def main(argv=None) -> int:
                                          or (c["val_acc"] == best["val_acc"] and c["lr"] < best["lr"])):
             chosen[(c["method"], c["budget"])] = c
     phase_a_s = time.monotonic() - t0
-    fields = ("method", "budget", "lr", "options", "val_acc", "exit")
+    fields = ("method", "budget", "lr", "options", "val_acc", "exit", "device")
     selection = {"sweep_budgets": sweep_budgets, "lrs": args.lrs, "method_lrs": method_lrs, "phase_a_s": phase_a_s,
                  "extend_edges": args.extend_edges,
                  "reused_from": [str(p) for p in args.reuse],
                  "candidates": [{k: c[k] for k in fields} for c in candidates],
-                 "chosen": [{k: c[k] for k in fields if k != "exit"} for c in chosen.values()]}
+                 "chosen": [{k: c[k] for k in fields if k not in ("exit", "device")} for c in chosen.values()]}
     sel_path = out.with_name(out.stem + "_selection.json")
     utils.write_results(sel_path, selection["candidates"], kind="quality_selection", meta=selection)
 

@@ -85,7 +85,7 @@ class LPAFOptions:
     importance: str = "movement"  # element importance of the sparsity-aware SVD: "movement" or "first_order"
     # The score that phase 1 prunes by: "first_order" (sum |W dL/dW'|, a Taylor estimate of each weight's
     # effect on the loss) or "movement" (-sum W dL/dW', Sanh et al. 2020). Movement pruning needs long
-    # runs: in the 200-step MiniLM selection runs (benchmarks/results/quality_gpu_selection.json) it left
+    # runs: in the 200-step MiniLM selection runs (benchmarks/results/raw/quality_gpu_selection_b05.json) it left
     # the model at chance for every learning rate tried, first-order reached 0.753 validation accuracy.
     prune_score: str = "first_order"
     min_scale: float = 1e-6  # floor of the row / column importance sums (factorize's sparsity_aware option)
