@@ -17,7 +17,8 @@ def quality_figure(rows: list[dict], title: str = ""):
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r.get("status", "ok") == "ok" and r.get("acc_mean") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    floor = _axis_floor([r["acc_mean"] for r in ok])
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for r in (r for r in ok if r.get("budget") is None):
         ax.axhline(r["acc_mean"], color="black", lw=1.2, label=f"{r['method']} ({r['acc_mean']:.3f})")
         if r.get("acc_std"):
@@ -27,14 +28,39 @@ def quality_figure(rows: list[dict], title: str = ""):
     for i, m in enumerate(methods):
         pts = sorted((r for r in ok if r["method"] == m and r.get("budget") is not None),
                      key=lambda r: r["params_kept_fraction"])
-        ax.errorbar([r["params_kept_fraction"] for r in pts], [r["acc_mean"] for r in pts],
-                    yerr=[r.get("acc_std") or 0.0 for r in pts], marker=markers[i % len(markers)], capsize=3,
-                    label=m)
+        line = ax.errorbar([r["params_kept_fraction"] for r in pts], [r["acc_mean"] for r in pts],
+                           yerr=[r.get("acc_std") or 0.0 for r in pts], marker=markers[i % len(markers)], capsize=3,
+                           label=m)
+        for r in pts:  # far below the rest: drawn at the bottom edge with its value
+            if floor is not None and r["acc_mean"] < floor:
+                x = r["params_kept_fraction"]
+                ax.plot([x], [floor], marker="v", ms=9, color=line[0].get_color(), clip_on=False)
+                ax.annotate(f"{m}: {r['acc_mean']:.3f}", (x, floor), textcoords="offset points", xytext=(-8, 4),
+                            ha="right", fontsize=7, color=line[0].get_color())
     ax.set_xlabel("kept fraction of the targeted linear weights")
     ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1.05)
+    kept = [r["params_kept_fraction"] for r in ok if r.get("budget") is not None]
+    ax.set_xlim(max(0.0, min(kept, default=0.0) - 0.1), 1.05)
+    if floor is not None:
+        ax.set_ylim(bottom=floor)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _axis_floor(values: list[float], gap: float = 0.15) -> float | None:
+    """Lower y limit that leaves out values more than ``gap`` below the median (None: nothing to leave out).
+
+    A collapsed run (e.g. a method at chance) would otherwise squeeze every other line into a thin band;
+    the figure marks such points at the bottom edge with their value instead.
+    """
+    if len(values) < 3:
+        return None
+    ordered = sorted(values)
+    median = ordered[len(ordered) // 2]
+    kept = [v for v in ordered if v >= median - gap]
+    if len(kept) == len(ordered):
+        return None
+    return max(0.0, kept[0] - 0.03)

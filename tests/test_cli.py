@@ -286,6 +286,26 @@ def test_report_writes_png(tmp_path, capsys):
     assert "2 methods" in printed
 
 
+def test_report_axis_leaves_out_a_collapsed_run():
+    from lrcomp.plots import _axis_floor, quality_figure
+
+    good = [0.70, 0.72, 0.74, 0.75, 0.71]
+    assert _axis_floor(good) is None  # nothing far below: matplotlib's own limits
+    floor = _axis_floor([*good, 0.18])
+    assert floor == pytest.approx(0.70 - 0.03)  # the lowest kept value, a margin below
+    rows = [{"method": "m", "budget": b, "acc_mean": a, "acc_std": 0.0, "params_kept_fraction": b}
+            for b, a in ((0.3, 0.70), (0.5, 0.72), (0.8, 0.18))]
+    fig = quality_figure(rows)
+    try:
+        ax = fig.axes[0]
+        assert ax.get_ylim()[0] == pytest.approx(0.67)
+        assert any("m: 0.180" in t.get_text() for t in ax.texts)  # the collapsed point is named at the edge
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_missing_model_dir_exits_3(workdir, capsys):
     code, _, err = run(["compress", workdir / "no_such_model", "--out", workdir / "x"], capsys)
