@@ -2,8 +2,9 @@
 on a validation split, then run the seeds x budgets grid on the test set with those choices.
 
 Phase A (selection): every candidate (method, lr, options) runs once per budget of
-``--sweep-budgets`` (default: every budget), seed 0, scored on a validation split carved out of the
-training texts (``bench_quality.py --eval-split val``); the test set is not looked at. Each
+``--sweep-budgets`` (default: every budget) and seed of ``--val-seeds`` (default: 0), scored by its mean
+accuracy on a validation split carved out of the training texts (``bench_quality.py --eval-split val``);
+the test set is not looked at. Each
 (method, budget) keeps its best candidate (ties: the smaller lr). With ``--extend-edges N``, a cell whose
 best lr is the largest (smallest) of the grid gets one more lr above (below) it, up to N rounds. The
 baselines are tuned the same way as the joint methods. ACIP's one run (trained to the smallest budget,
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -162,6 +164,8 @@ def main(argv=None) -> int:
                         help="budgets of phase A (default: every budget; a budget left out takes the choice at "
                              "the nearest swept budget)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--val-seeds", type=int, nargs="+", default=[0],
+                        help="seeds of every phase-A candidate; it is judged by their mean validation accuracy")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--parallel", type=int, default=1, help="processes at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -196,6 +200,7 @@ def main(argv=None) -> int:
     budgets = sorted(set(args.budgets), reverse=True)
     sweep_budgets = sorted(set(args.sweep_budgets or budgets), reverse=True)
     sweep_dir, grid_dir = args.workdir / "sweep", args.workdir / "grid"
+    val_seeds = sorted(set(args.val_seeds))
 
     def known_runs() -> dict[str, dict]:
         """Every finished run: the --reuse files, then this work folder (the later line wins)."""
@@ -212,7 +217,7 @@ def main(argv=None) -> int:
     def add(m: str, b: float | None, lr: float, options: dict) -> None:
         candidates.append({"method": m, "budget": b, "lr": lr, "options": options,
                            "name": f"{m}_b{b}_lr{lr:g}_{len(candidates)}",
-                           "key": run_key(m, b, lr, options, 0, "val", shape)})
+                           "keys": [run_key(m, b, lr, options, seed, "val", shape) for seed in val_seeds]})
 
     # an alias (acip_per_budget) is its base method: it takes the base method's choices
     for m in dict.fromkeys(ALIASES.get(m, m) for m in args.methods):
@@ -226,9 +231,11 @@ def main(argv=None) -> int:
         done = known_runs()
         jobs = []
         for c in candidates:
-            if c["key"] in done or c["name"] in codes:
+            missing = [seed for seed, key in zip(val_seeds, c["keys"], strict=True) if key not in done]
+            if not missing or c["name"] in codes:
                 continue
-            argv_c = [*base, "--methods", c["method"], "--seeds", "0", "--budgets", str(c["budget"] or 0.5),
+            argv_c = [*base, "--methods", c["method"], "--seeds", *map(str, missing),
+                      "--budgets", str(c["budget"] or 0.5),
                       "--eval-split", "val", "--method-lr", f"{c['method']}={c['lr']}",
                       "--method-options", f"{c['method']}={json.dumps(c['options'])}",
                       "--runs-jsonl", str(sweep_dir / f"{c['name']}.jsonl"),
@@ -239,10 +246,12 @@ def main(argv=None) -> int:
         codes.update(run_pool(jobs, args.parallel, t0 + args.phase_a_s, sweep_dir / "logs"))
         done = known_runs()
         for c in candidates:
-            run = done.get(c["key"])
-            c["val_acc"] = run["acc"] if run else None
-            c["exit"] = codes.get(c["name"], "reused" if run else None)  # reused: found among the runs made before
-            c["device"] = (run.get("device_name") or run.get("device")) if run else None
+            runs = [done.get(key) for key in c["keys"]]
+            c["val_accs"] = [r["acc"] if r else None for r in runs]
+            # the mean over the validation seeds; None unless every seed finished
+            c["val_acc"] = statistics.fmean(c["val_accs"]) if all(runs) else None
+            c["exit"] = codes.get(c["name"], "reused" if all(runs) else None)  # reused: among the runs made before
+            c["device"] = ", ".join(sorted({r.get("device_name") or r.get("device") for r in runs if r})) or None
         if round_ == args.extend_edges:
             break
         edges = edge_candidates(candidates)
@@ -257,9 +266,9 @@ def main(argv=None) -> int:
                                          or (c["val_acc"] == best["val_acc"] and c["lr"] < best["lr"])):
             chosen[(c["method"], c["budget"])] = c
     phase_a_s = time.monotonic() - t0
-    fields = ("method", "budget", "lr", "options", "val_acc", "exit", "device")
+    fields = ("method", "budget", "lr", "options", "val_acc", "val_accs", "exit", "device")
     selection = {"sweep_budgets": sweep_budgets, "lrs": args.lrs, "method_lrs": method_lrs, "phase_a_s": phase_a_s,
-                 "extend_edges": args.extend_edges,
+                 "extend_edges": args.extend_edges, "val_seeds": val_seeds,
                  "reused_from": [str(p) for p in args.reuse],
                  "candidates": [{k: c[k] for k in fields} for c in candidates],
                  "chosen": [{k: c[k] for k in fields if k not in ("exit", "device")} for c in chosen.values()]}
@@ -285,7 +294,7 @@ def main(argv=None) -> int:
                 print(f"  {m:16s} budget {b}: no finished candidate, left out of phase B", flush=True)
                 continue
             print(f"  {m:16s} budget {b}: lr {c['lr']:g} {c['options'] or ''} (val acc {c['val_acc']:.3f})", flush=True)
-            groups.setdefault(c["key"], (c, []))[1].append(b)
+            groups.setdefault(c["name"], (c, []))[1].append(b)
         for seed in args.seeds:
             for c, bs in groups.values():
                 plan.append((m, seed, c, bs))

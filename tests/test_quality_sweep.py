@@ -152,3 +152,15 @@ def test_edge_extension_tries_one_more_lr_beyond_the_grid(tmp_path, fake_bench):
     assert ("acip", 0.8, 0.0125) in tried
     assert len(tried) == 10 + 5 + 1
     assert not [c for c in _calls(fake_bench) if c["split"] == "test"]  # --selection-only
+
+
+def test_validation_seeds_are_averaged_and_only_missing_seeds_run(tmp_path, fake_bench):
+    assert _sweep(tmp_path, "--selection-only") == 0
+    n = len(_calls(fake_bench))
+    assert _sweep(tmp_path, "--selection-only", "--val-seeds", "0", "1") == 0
+    new = _calls(fake_bench)[n:]
+    assert len(new) == 10 and all(c["seeds"] == ["1"] and c["split"] == "val" for c in new)  # seed 0 was there
+    meta = json.loads((tmp_path / "q_selection.json").read_text())["meta"]
+    assert meta["val_seeds"] == [0, 1]
+    best = next(c for c in meta["candidates"] if c["method"] == "seq_svd" and c["budget"] == 0.8 and c["lr"] == 1e-4)
+    assert best["val_accs"] == pytest.approx([0.7, 0.701]) and best["val_acc"] == pytest.approx(0.7005)
