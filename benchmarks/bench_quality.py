@@ -451,7 +451,33 @@ def aggregate(results: dict, seeds: list[int], steps: int) -> list[dict]:
         row["seeds_str"] = " ".join(map(str, row["seeds"]))
         row["note"] = entry.get("reason") or ("one run, materialize(b)" if row["shared_run"] else "")
         rows.append(row)
+    paired_vs_sequential(rows)
     return rows
+
+
+def paired_vs_sequential(rows: list[dict]) -> None:
+    """Add to each compressed, non-sequential row its accuracy minus the best sequential baseline's (the
+    baseline with the higher mean at that budget), paired by seed: a seed fixes the head's init and the batch
+    order of every method, so the per-seed difference is less noisy than the two means. Sets ``vs_seq_mean``,
+    ``vs_seq_std`` (over the seeds both rows ran; 0 for one seed) and ``vs_seq_baseline``; None where there
+    is no baseline row or no common seed."""
+    cells = {(r["method"], r["budget"]): r for r in rows}
+    for row in rows:
+        row.update(vs_seq_mean=None, vs_seq_std=None, vs_seq_baseline=None)
+        if row["budget"] is None or row["method"] in SEQUENTIAL:
+            continue
+        bases = [cells[(m, row["budget"])] for m in SEQUENTIAL if (m, row["budget"]) in cells]
+        bases = [b for b in bases if b["acc_mean"] is not None]
+        if not bases:
+            continue
+        best = max(bases, key=lambda b: b["acc_mean"])
+        base_acc = dict(zip(best["seeds"], best["acc_per_seed"], strict=False))
+        diffs = [acc - base_acc[seed] for seed, acc in zip(row["seeds"], row["acc_per_seed"], strict=False)
+                 if seed in base_acc]
+        if diffs:
+            row.update(vs_seq_mean=statistics.fmean(diffs),
+                       vs_seq_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                       vs_seq_baseline=best["method"])
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -469,8 +495,8 @@ def report(rows: list[dict], meta: dict, args, env: dict | None = None) -> None:
          f"MiniLM + linear head, {len(meta['classes'])} fortune categories, {meta['steps']} steps, "
          f"seeds {' '.join(map(str, seeds))}")
     print()
-    print(utils.format_table(rows, ["method", "budget", "seeds_str", "acc_mean", "acc_std", "params_kept_fraction",
-                                    "wall_s_mean", "lr", "status", "note"], floatfmt=".3g"))
+    print(utils.format_table(rows, ["method", "budget", "seeds_str", "acc_mean", "acc_std", "vs_seq_mean",
+                                    "params_kept_fraction", "wall_s_mean", "lr", "status", "note"], floatfmt=".3g"))
 
 
 def merge(args) -> int:

@@ -44,12 +44,15 @@ LAYOUTS = {
     "quality_selection": ("Quality, phase A: every candidate (method, budget, lr, options), seed 0, accuracy on a "
                           "validation split carved out of the training texts", [
         ("method", "method", ""), ("budget", "budget", ".2f"), ("lr", "lr", "g"), ("options", "options", ""),
-        ("val_acc", "val accuracy", ".3f"), ("exit", "run", ""), ("device", "device", "")]),
+        ("val_acc", "val accuracy", ".3f"), ("exit", "run", ""), ("wall_s", "run time (s)", ".0f"),
+        ("device", "device", "")]),
     "quality": ("Quality: MiniLM fine-tuned on fortune categories, test accuracy at a budget of the encoder "
                 "linears (dense FT, fine-tune -> compress -> fine-tune, joint methods; same total steps)", [
         ("method", "method", ""), ("budget", "budget", ".2f"), ("seeds_str", "seeds", ""),
         (("acc_mean", "acc_std"), "accuracy (mean ± std)", ".3f"),
-        ("params_kept_fraction", "kept params (linears)", ".3f"), ("lr", "lr", "g"), ("options", "options", ""),
+        (("vs_seq_mean", "vs_seq_std"), "minus best sequential, paired by seed", "+.3f"),
+        ("vs_seq_baseline", "best sequential", ""), ("params_kept_fraction", "kept params (linears)", ".3f"),
+        ("lr", "lr", "g"), ("options", "options", ""),
         ("wall_s_mean", "wall time (s)", ".1f"), ("device_name", "device", ""), ("status", "status", ""),
         ("note", "note", "")]),
     "compress_factorizations": ("One-shot factorisations at equal rank (half of each layer's parameters): relative "
@@ -88,7 +91,7 @@ def _value(row: dict, key, fmt: str) -> str:
         mean, std = row.get(key[0]), row.get(key[1])
         if mean is None:
             return "–"
-        return _cell(mean, fmt) if std is None else f"{_cell(mean, fmt)} ± {_cell(std, fmt)}"
+        return _cell(mean, fmt) if std is None else f"{_cell(mean, fmt)} ± {_cell(std, fmt.lstrip('+'))}"
     return _cell(row.get(key), fmt)
 
 

@@ -252,6 +252,7 @@ def main(argv=None) -> int:
             c["val_acc"] = statistics.fmean(c["val_accs"]) if all(runs) else None
             c["exit"] = codes.get(c["name"], "reused" if all(runs) else None)  # reused: among the runs made before
             c["device"] = ", ".join(sorted({r.get("device_name") or r.get("device") for r in runs if r})) or None
+            c["wall_s"] = sum(r["wall_s"] for r in runs if r) if any(runs) else None  # reused runs count too
         if round_ == args.extend_edges:
             break
         edges = edge_candidates(candidates)
@@ -266,12 +267,16 @@ def main(argv=None) -> int:
                                          or (c["val_acc"] == best["val_acc"] and c["lr"] < best["lr"])):
             chosen[(c["method"], c["budget"])] = c
     phase_a_s = time.monotonic() - t0
-    fields = ("method", "budget", "lr", "options", "val_acc", "val_accs", "exit", "device")
+    fields = ("method", "budget", "lr", "options", "val_acc", "val_accs", "exit", "device", "wall_s")
     selection = {"sweep_budgets": sweep_budgets, "lrs": args.lrs, "method_lrs": method_lrs, "phase_a_s": phase_a_s,
                  "extend_edges": args.extend_edges, "val_seeds": val_seeds,
                  "reused_from": [str(p) for p in args.reuse],
                  "candidates": [{k: c[k] for k in fields} for c in candidates],
-                 "chosen": [{k: c[k] for k in fields if k not in ("exit", "device")} for c in chosen.values()]}
+                 "chosen": [{k: c[k] for k in fields if k not in ("exit", "device", "wall_s")}
+                            for c in chosen.values()],
+                 # phase_a_s is this invocation's time (0 when every run was made before); runs_wall_s sums the
+                 # runs' own wall times, wherever and whenever they ran
+                 "runs_wall_s": sum(c["wall_s"] or 0.0 for c in candidates)}
     sel_path = out.with_name(out.stem + "_selection.json")
     utils.write_results(sel_path, selection["candidates"], kind="quality_selection", meta=selection)
 

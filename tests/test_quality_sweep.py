@@ -117,6 +117,9 @@ def test_a_second_sweep_runs_nothing_and_reused_lines_are_not_run_again(tmp_path
     (tmp_path / "work").rename(tmp_path / "old_work")
     assert _sweep(tmp_path, "--reuse", str(lines)) == 0
     assert len(_calls(fake_bench)) == n
+    # the selection still counts the wall time of the reused runs (one second each in the stand-in)
+    meta = json.loads((tmp_path / "q_selection.json").read_text())["meta"]
+    assert meta["runs_wall_s"] == pytest.approx(2 + 2 * 2 * 2)
 
 
 def test_runs_with_other_settings_are_not_reused(tmp_path, fake_bench):

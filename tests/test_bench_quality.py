@@ -1,0 +1,42 @@
+"""benchmarks/bench_quality.py's aggregation: the per-seed comparison with the best sequential baseline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+bench_quality = pytest.importorskip("bench_quality")
+make_tables = pytest.importorskip("make_tables")
+
+
+def _cell(accs: dict[int, float]) -> dict:
+    return {"status": "ok", "runs": [{"seed": s, "acc": a, "kept": 0.5, "wall_s": 1.0} for s, a in accs.items()]}
+
+
+def test_paired_difference_against_the_better_baseline_over_common_seeds():
+    results = {
+        ("dense", None): _cell({0: 0.80, 1: 0.82}),
+        ("seq_svd", 0.5): _cell({0: 0.60, 1: 0.62, 2: 0.64}),
+        ("seq_svd_llm", 0.5): _cell({0: 0.70, 1: 0.66, 2: 0.71}),  # the better mean: the one compared with
+        ("jactus", 0.5): _cell({0: 0.72, 2: 0.70}),  # seed 1 missing: only seeds 0 and 2 are paired
+        ("lpaf", 0.3): _cell({0: 0.5}),  # no baseline at 0.3
+    }
+    rows = {(r["method"], r["budget"]): r for r in bench_quality.aggregate(results, [0, 1, 2], 10)}
+    jactus = rows[("jactus", 0.5)]
+    assert jactus["vs_seq_baseline"] == "seq_svd_llm"
+    assert jactus["vs_seq_mean"] == pytest.approx(((0.72 - 0.70) + (0.70 - 0.71)) / 2)
+    assert jactus["vs_seq_std"] == pytest.approx(0.03 / 2 ** 0.5)
+    # the difference of the means would be 0.71 - 0.69 = +0.02: pairing is not that
+    assert jactus["vs_seq_mean"] != pytest.approx(jactus["acc_mean"] - rows[("seq_svd_llm", 0.5)]["acc_mean"])
+    for cell in [("dense", None), ("seq_svd", 0.5), ("seq_svd_llm", 0.5), ("lpaf", 0.3)]:
+        assert rows[cell]["vs_seq_mean"] is None and rows[cell]["vs_seq_baseline"] is None
+
+
+def test_table_cell_signs_the_difference_but_not_its_std():
+    row = {"vs_seq_mean": -0.0123, "vs_seq_std": 0.004}
+    assert make_tables._value(row, ("vs_seq_mean", "vs_seq_std"), "+.3f") == "-0.012 ± 0.004"
+    assert make_tables._value({"vs_seq_mean": None}, ("vs_seq_mean", "vs_seq_std"), "+.3f") == "–"
