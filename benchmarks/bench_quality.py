@@ -75,18 +75,20 @@ ONE_RUN_ALL_BUDGETS = ("acip",)
 ALIASES = {"acip_per_budget": "acip"}
 # Keys of --method-options that set CompressionConfig fields instead of the method's own options.
 CONFIG_KEYS = ("feature_weight", "distill_weight", "distill_temperature")
-# Learning rates chosen per method at budget 0.5 on a validation split (benchmarks/quality_sweep.py phase A,
-# 200 steps, seed 0, among 1e-4 / 5e-4 / 2e-3: benchmarks/results/quality_selection.json, which also holds
-# the choices at 0.8 and 0.3 that the sweep passes explicitly); a method not listed uses --lr. --method-lr
-# overrides them.
-DEFAULT_METHOD_LR = {"dense": 5e-4, "seq_svd": 1e-4, "seq_svd_llm": 1e-4, "acip": 2e-3, "pc_lora": 2e-3,
-                     "tunecomp": 1e-4, "jactus": 5e-4, "lpaf": 1e-4}
-# Method options the bench uses unless --method-options says otherwise: ACIP on whitened (SVD-LLM) factors,
-# which the calibration batches make possible here (3 seeds, one run, lr 5e-4: 0.687 / 0.689 / 0.691 at 0.8 / 0.5
-# / 0.3, against 0.635 / 0.634 / 0.682 with the plain SVD of the paper; raw/quality_cpu_runs.jsonl and the
-# acip_svd_basis rows of raw/quality_gpu_grid.jsonl, both in benchmarks/results/quality.json); LPAF pruning by
-# first-order scores (its library default; named so that runs record it).
-DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm"}, "lpaf": {"prune_score": "first_order"}}
+# Learning rates chosen per method at budget 0.5 on a validation split (benchmarks/quality_sweep.py phase A
+# on the CPU, 200 steps, seed 0, among 1e-4 / 5e-4 / 2e-3: benchmarks/results/quality_selection.json, which also
+# holds the choices at 0.8 and 0.3 that the sweep passes explicitly); a method not listed uses --lr.
+# --method-lr overrides them.
+DEFAULT_METHOD_LR = {"dense": 1e-4, "seq_svd": 1e-4, "seq_svd_llm": 1e-4, "acip": 2e-3, "pc_lora": 5e-4,
+                     "tunecomp": 1e-4, "jactus": 5e-4, "lpaf": 5e-4}
+# Method options the bench uses unless --method-options says otherwise (the choices at 0.5, with the lrs above):
+# ACIP on whitened (SVD-LLM) factors, which the calibration batches make possible here (3 seeds, one run, lr
+# 5e-4: 0.687 / 0.689 / 0.691 at 0.8 / 0.5 / 0.3, against 0.635 / 0.634 / 0.682 with the plain SVD of the paper;
+# raw/quality_cpu_runs.jsonl and the acip_svd_basis rows of raw/quality_gpu_grid.jsonl); PC-LoRA from SVD-LLM's
+# truncation (not in the paper; the paper's LoRA init is options {}); LPAF pruning by first-order scores (its
+# library default; named so that runs record it).
+DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm"}, "pc_lora": {"init": "svd_llm"},
+                          "lpaf": {"prune_score": "first_order"}}
 DATA_SEED = 1234  # fixes the train/test split, independent of the run seeds
 # Seconds per training step of the joint methods relative to a dense step, used only for the
 # time estimate printed before the grid (a guess until they have been measured).
