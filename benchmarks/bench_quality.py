@@ -446,7 +446,7 @@ def aggregate(results: dict, seeds: list[int], steps: int) -> list[dict]:
                "n_seeds": len(runs), "steps": steps, "status": entry["status"], "reason": entry.get("reason"),
                "acc_mean": statistics.fmean(accs) if accs else None,
                "acc_std": statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
-               "acc_per_seed": accs,
+               "acc_per_seed": accs, "device_per_seed": [r.get("device") for r in runs],
                "params_kept_fraction": statistics.fmean(r["kept"] for r in runs) if runs else None,
                "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs) if runs else None,
                "shared_run": any(r.get("shared_run") for r in runs)}
@@ -460,9 +460,9 @@ def aggregate(results: dict, seeds: list[int], steps: int) -> list[dict]:
 def paired_vs_sequential(rows: list[dict]) -> None:
     """Add to each compressed, non-sequential row its accuracy minus the best sequential baseline's (the
     baseline with the higher mean at that budget), paired by seed: a seed fixes the head's init and the batch
-    order of every method, so the per-seed difference is less noisy than the two means. Sets ``vs_seq_mean``,
-    ``vs_seq_std`` (over the seeds both rows ran; 0 for one seed) and ``vs_seq_baseline``; None where there
-    is no baseline row or no common seed."""
+    order of every method, so the per-seed difference is less noisy than the two means. Only runs of the same
+    seed on the same device are paired. Sets ``vs_seq_mean``, ``vs_seq_std`` (over the pairs; 0 for one) and
+    ``vs_seq_baseline``; None where there is no baseline row or no pair."""
     cells = {(r["method"], r["budget"]): r for r in rows}
     for row in rows:
         row.update(vs_seq_mean=None, vs_seq_std=None, vs_seq_baseline=None)
@@ -473,9 +473,10 @@ def paired_vs_sequential(rows: list[dict]) -> None:
         if not bases:
             continue
         best = max(bases, key=lambda b: b["acc_mean"])
-        base_acc = dict(zip(best["seeds"], best["acc_per_seed"], strict=False))
-        diffs = [acc - base_acc[seed] for seed, acc in zip(row["seeds"], row["acc_per_seed"], strict=False)
-                 if seed in base_acc]
+        base_acc = dict(zip(zip(best["seeds"], best["device_per_seed"], strict=False), best["acc_per_seed"],
+                            strict=False))
+        mine = zip(zip(row["seeds"], row["device_per_seed"], strict=False), row["acc_per_seed"], strict=False)
+        diffs = [acc - base_acc[run] for run, acc in mine if run in base_acc]
         if diffs:
             row.update(vs_seq_mean=statistics.fmean(diffs),
                        vs_seq_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,

@@ -20,6 +20,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
+QUALITY_COLUMNS = [  # bench_quality.py rows
+    ("method", "method", ""), ("budget", "budget", ".2f"), ("seeds_str", "seeds", ""),
+    (("acc_mean", "acc_std"), "accuracy (mean ± std)", ".3f"),
+    (("vs_seq_mean", "vs_seq_std"), "minus best sequential, paired by seed", "+.3f"),
+    ("vs_seq_baseline", "best sequential", ""), ("params_kept_fraction", "kept params (linears)", ".3f"),
+    ("lr", "lr", "g"), ("options", "options", ""), ("wall_s_mean", "wall time (s)", ".1f"),
+    ("device_name", "device", ""), ("status", "status", ""), ("note", "note", "")]
 # kind -> (title, [(column key, header, format)]); format "" = str(), else a format spec.
 LAYOUTS = {
     "lowrank_linear_cpu": ("Low-rank linear vs dense `nn.Linear`, CPU (fp32, rank at 50% params)", [
@@ -47,14 +54,10 @@ LAYOUTS = {
         ("val_acc", "val accuracy", ".3f"), ("exit", "run", ""), ("wall_s", "run time (s)", ".0f"),
         ("device", "device", "")]),
     "quality": ("Quality: MiniLM fine-tuned on fortune categories, test accuracy at a budget of the encoder "
-                "linears (dense FT, fine-tune -> compress -> fine-tune, joint methods; same total steps)", [
-        ("method", "method", ""), ("budget", "budget", ".2f"), ("seeds_str", "seeds", ""),
-        (("acc_mean", "acc_std"), "accuracy (mean ± std)", ".3f"),
-        (("vs_seq_mean", "vs_seq_std"), "minus best sequential, paired by seed", "+.3f"),
-        ("vs_seq_baseline", "best sequential", ""), ("params_kept_fraction", "kept params (linears)", ".3f"),
-        ("lr", "lr", "g"), ("options", "options", ""),
-        ("wall_s_mean", "wall time (s)", ".1f"), ("device_name", "device", ""), ("status", "status", ""),
-        ("note", "note", "")]),
+                "linears (dense FT, fine-tune -> compress -> fine-tune, joint methods; same total steps)",
+                QUALITY_COLUMNS),
+    "quality_ablations": ("Quality ablations: a paper's original choice against the default here (same task and "
+                          "protocol)", QUALITY_COLUMNS),
     "compress_factorizations": ("One-shot factorisations at equal rank (half of each layer's parameters): relative "
                                 "output error on held-back MiniLM activations, mean per layer kind", [
         ("layer_kind", "layer kind", ""), ("layers", "layers", "d"), ("rank", "rank", ""),

@@ -13,8 +13,9 @@ bench_quality = pytest.importorskip("bench_quality")
 make_tables = pytest.importorskip("make_tables")
 
 
-def _cell(accs: dict[int, float]) -> dict:
-    return {"status": "ok", "runs": [{"seed": s, "acc": a, "kept": 0.5, "wall_s": 1.0} for s, a in accs.items()]}
+def _cell(accs: dict[int, float], device: str = "cpu") -> dict:
+    return {"status": "ok", "runs": [{"seed": s, "acc": a, "kept": 0.5, "wall_s": 1.0, "device": device}
+                                     for s, a in accs.items()]}
 
 
 def test_paired_difference_against_the_better_baseline_over_common_seeds():
@@ -24,6 +25,7 @@ def test_paired_difference_against_the_better_baseline_over_common_seeds():
         ("seq_svd_llm", 0.5): _cell({0: 0.70, 1: 0.66, 2: 0.71}),  # the better mean: the one compared with
         ("jactus", 0.5): _cell({0: 0.72, 2: 0.70}),  # seed 1 missing: only seeds 0 and 2 are paired
         ("lpaf", 0.3): _cell({0: 0.5}),  # no baseline at 0.3
+        ("pc_lora", 0.5): _cell({0: 0.9, 1: 0.9}, device="cuda"),  # same seeds, another device: no pair
     }
     rows = {(r["method"], r["budget"]): r for r in bench_quality.aggregate(results, [0, 1, 2], 10)}
     jactus = rows[("jactus", 0.5)]
@@ -32,7 +34,7 @@ def test_paired_difference_against_the_better_baseline_over_common_seeds():
     assert jactus["vs_seq_std"] == pytest.approx(0.03 / 2 ** 0.5)
     # the difference of the means would be 0.71 - 0.69 = +0.02: pairing is not that
     assert jactus["vs_seq_mean"] != pytest.approx(jactus["acc_mean"] - rows[("seq_svd_llm", 0.5)]["acc_mean"])
-    for cell in [("dense", None), ("seq_svd", 0.5), ("seq_svd_llm", 0.5), ("lpaf", 0.3)]:
+    for cell in [("dense", None), ("seq_svd", 0.5), ("seq_svd_llm", 0.5), ("lpaf", 0.3), ("pc_lora", 0.5)]:
         assert rows[cell]["vs_seq_mean"] is None and rows[cell]["vs_seq_baseline"] is None
 
 
