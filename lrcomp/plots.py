@@ -8,8 +8,10 @@ def quality_figure(rows: list[dict], title: str = ""):
 
     ``rows``: the rows of a quality results file (``benchmarks/results/quality*.json``), each with
     ``method``, ``budget`` (None for dense), ``params_kept_fraction``, ``acc_mean``, ``acc_std`` and an
-    optional ``status`` (rows whose status is not "ok" are left out). Returns the matplotlib Figure;
-    the caller saves and closes it.
+    optional ``status`` (rows whose status is not "ok" are left out). When rows carry ``vs_seq_mean`` /
+    ``vs_seq_std`` (accuracy minus the best sequential baseline's, paired by seed), a second panel shows
+    them per budget around a zero line: above it a method beats that baseline. Returns the matplotlib
+    Figure; the caller saves and closes it.
     """
     import matplotlib
 
@@ -18,7 +20,11 @@ def quality_figure(rows: list[dict], title: str = ""):
 
     ok = [r for r in rows if r.get("status", "ok") == "ok" and r.get("acc_mean") is not None]
     floor = _axis_floor([r["acc_mean"] for r in ok])
-    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    paired = [r for r in ok if r.get("vs_seq_mean") is not None]
+    if paired:
+        fig, (ax, ax_paired) = plt.subplots(2, 1, figsize=(8.5, 8.0), height_ratios=(1.4, 1.0))
+    else:
+        fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for r in (r for r in ok if r.get("budget") is None):
         ax.axhline(r["acc_mean"], color="black", lw=1.2, label=f"{r['method']} ({r['acc_mean']:.3f})")
         if r.get("acc_std"):
@@ -46,8 +52,34 @@ def quality_figure(rows: list[dict], title: str = ""):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title(title, fontsize=9)
+    if paired:
+        colors = {h.get_label(): c for h, c in zip(*_legend_colors(ax), strict=True)}
+        _paired_panel(ax_paired, paired, colors)
     fig.tight_layout()
     return fig
+
+
+def _legend_colors(ax) -> tuple[list, list]:
+    """The legend's handles and their colors (an errorbar container's color is that of its line)."""
+    handles, _ = ax.get_legend_handles_labels()
+    colors = [(h.lines[0] if hasattr(h, "lines") else h).get_color() for h in handles]
+    return handles, colors
+
+
+def _paired_panel(ax, rows: list[dict], colors: dict[str, str]) -> None:
+    """Per budget, each method's accuracy minus the best sequential baseline's (mean ± std over seeds)."""
+    budgets = sorted({r["budget"] for r in rows}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        pts = [r for r in rows if r["method"] == m]
+        xs = [budgets.index(r["budget"]) - 0.4 + width * (i + 0.5) for r in pts]
+        ax.errorbar(xs, [r["vs_seq_mean"] for r in pts], yerr=[r.get("vs_seq_std") or 0.0 for r in pts],
+                    fmt="o", capsize=3, color=colors.get(m), label=m)
+    ax.axhline(0.0, color="black", lw=1.0)
+    ax.set_xticks(range(len(budgets)), [f"budget {b:g}" for b in budgets])
+    ax.set_ylabel("accuracy minus best sequential\n(paired by seed)")
+    ax.grid(alpha=0.3, axis="y")
 
 
 def _axis_floor(values: list[float], gap: float = 0.15) -> float | None:

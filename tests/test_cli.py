@@ -306,6 +306,28 @@ def test_report_axis_leaves_out_a_collapsed_run():
         plt.close(fig)
 
 
+def test_report_second_panel_shows_the_paired_difference_in_each_methods_color():
+    from lrcomp.plots import quality_figure
+
+    rows = [{"method": "seq_svd_llm", "budget": b, "acc_mean": 0.7, "acc_std": 0.0, "params_kept_fraction": b}
+            for b in (0.3, 0.8)]
+    rows += [{"method": "jactus", "budget": b, "acc_mean": 0.7 + d, "acc_std": 0.0, "params_kept_fraction": b,
+              "vs_seq_mean": d, "vs_seq_std": 0.01} for b, d in ((0.3, -0.02), (0.8, 0.01))]
+    import matplotlib.pyplot as plt
+
+    assert len(quality_figure(rows[:2]).axes) == 1  # no paired differences: one panel
+    fig = quality_figure(rows)
+    try:
+        top, bottom = fig.axes
+        line = next(c for c in top.containers if c.get_label() == "jactus").lines[0]
+        points = next(c for c in bottom.containers if c.get_label() == "jactus").lines[0]
+        assert points.get_color() == line.get_color()
+        assert sorted(points.get_ydata()) == pytest.approx([-0.02, 0.01])
+        assert [t.get_text() for t in bottom.get_xticklabels()] == ["budget 0.8", "budget 0.3"]
+    finally:
+        plt.close("all")
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_missing_model_dir_exits_3(workdir, capsys):
     code, _, err = run(["compress", workdir / "no_such_model", "--out", workdir / "x"], capsys)
