@@ -33,8 +33,9 @@ Reference: JACTUS as the issue specifies it (calibrated input and output-gradien
 union-of-subspaces factorisation, a core trained in that union, the cost-aware global allocator);
 no paper text was available offline to check further details against, so none are claimed. Choices
 made here: only the core, the biases of the factored layers (option ``train_bias``) and the
-non-target parameters train (dense-kept targets train fully); nothing is pruned during training, so
-the ranks are fixed at setup and no compaction happens; a budget counted in latency must also hold
+non-target parameters train (dense-kept targets train fully; option ``train_bases``, not in the
+specification, trains ``U`` and ``V`` too); nothing is pruned during training, so the ranks are
+fixed at setup and no compaction happens; a budget counted in latency must also hold
 in parameters (the Compressor checks parameters), else setup raises.
 """
 
@@ -66,6 +67,10 @@ class JACTUSOptions:
     tol: float = 1e-8  # orthonormalisation tolerance of the union
     shift_eps: float = 1e-8  # eigenvalue shift of the projected input covariance when it is not PD
     train_bias: bool = True  # the biases of the factored layers train with the core
+    # The bases U, V train too (not in the method as specified: the union is then only where training
+    # starts). The core's r^2 weights are all that adapts otherwise, against r (K + N) for the methods that
+    # train their factors.
+    train_bases: bool = False
 
     def __post_init__(self) -> None:
         for name in ("weight_frac", "input_frac", "grad_frac"):
@@ -81,8 +86,9 @@ class JACTUSOptions:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0:
                 raise ValueError(f"jactus option {name} must be a positive number, got {value!r}")
-        if not isinstance(self.train_bias, bool):
-            raise ValueError(f"jactus option train_bias must be a bool, got {self.train_bias!r}")
+        for name in ("train_bias", "train_bases"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"jactus option {name} must be a bool, got {getattr(self, name)!r}")
 
     def union_options(self) -> dict[str, float]:
         return {"weight_frac": self.weight_frac, "input_frac": self.input_frac, "grad_frac": self.grad_frac,
@@ -99,7 +105,8 @@ class CoreLowRankLinear(LowRankLinear):
     """
 
     @classmethod
-    def from_lowrank(cls, layer: LowRankLinear, train_bias: bool = True) -> CoreLowRankLinear:
+    def from_lowrank(cls, layer: LowRankLinear, train_bias: bool = True,
+                     train_bases: bool = False) -> CoreLowRankLinear:
         if layer.lora_A is not None or layer.dense_weight is not None or layer.mask_fn != "none":
             raise ValueError("CoreLowRankLinear wraps a plain LowRankLinear (no LoRA, dense branch or mask)")
         core = cls(layer.in_features, layer.out_features, layer.rank, bias=layer.bias is not None,
@@ -113,6 +120,8 @@ class CoreLowRankLinear(LowRankLinear):
         core.importance = layer.importance
         if core.bias is not None:
             core.bias.requires_grad_(train_bias)
+        core.U.requires_grad_(train_bases)
+        core.V.requires_grad_(train_bases)
         return core
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, **kwargs) -> None:
@@ -194,7 +203,8 @@ class JACTUS(JointMethod):
             if name not in ranks:
                 continue
             layer = factorize(linear, ranks[name], method="jactus_union", stats=stats[name], **opts)
-            core = CoreLowRankLinear.from_lowrank(layer, train_bias=self.options.train_bias)
+            core = CoreLowRankLinear.from_lowrank(layer, train_bias=self.options.train_bias,
+                                                  train_bases=self.options.train_bases)
             self.model.set_submodule(name, core.train(linear.training))
 
     def core_layers(self) -> dict[str, CoreLowRankLinear]:

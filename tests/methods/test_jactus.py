@@ -198,3 +198,27 @@ def test_jactus_train_bias_option_and_uniform_allocation():
     train(comp, opt, 5)
     comp.finalize()
     assert comp.kept_cost() <= 0.5 * comp.total_cost
+
+
+def test_jactus_train_bases_option_trains_u_and_v_and_folds_exactly():
+    model = pretrained_mlp()
+    comp, opt = _build(model, _config(0.5, steps=20, method_options={"train_bases": True}), lr=1e-2)
+    cores = comp.method.core_layers()
+    saved = {n: (m.U.detach().clone(), m.V.detach().clone()) for n, m in cores.items()}
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    for m in cores.values():
+        assert m.U.requires_grad and m.V.requires_grad and m.core.requires_grad
+        assert id(m.U) in in_opt and id(m.V) in in_opt
+        assert not (m.S.requires_grad or m.scores.requires_grad)
+    train(comp, opt, 20)
+    for name, m in cores.items():
+        assert (m.U - saved[name][0]).abs().max() > 1e-4 and (m.V - saved[name][1]).abs().max() > 1e-4
+    X, _ = task(seed=9)
+    with torch.no_grad():
+        before = model(X[:64])
+    final = comp.finalize()
+    with torch.no_grad():
+        torch.testing.assert_close(final(X[:64]), before, rtol=1e-4, atol=1e-4)
+    assert comp.kept_cost() <= 0.5 * comp.total_cost
+    with pytest.raises(ValueError, match="train_bases"):
+        JACTUSOptions(train_bases=1)
