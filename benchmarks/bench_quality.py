@@ -473,10 +473,12 @@ def paired_vs_sequential(rows: list[dict]) -> None:
         if not bases:
             continue
         best = max(bases, key=lambda b: b["acc_mean"])
-        base_acc = dict(zip(zip(best["seeds"], best["device_per_seed"], strict=False), best["acc_per_seed"],
-                            strict=False))
-        mine = zip(zip(row["seeds"], row["device_per_seed"], strict=False), row["acc_per_seed"], strict=False)
-        diffs = [acc - base_acc[run] for run, acc in mine if run in base_acc]
+        # (a row without runs lists the planned seeds and no accuracies: zip stops at the shortest)
+        base_acc = {(seed, device): acc for seed, device, acc
+                    in zip(best["seeds"], best["device_per_seed"], best["acc_per_seed"], strict=False)}
+        diffs = [acc - base_acc[(seed, device)] for seed, device, acc
+                 in zip(row["seeds"], row["device_per_seed"], row["acc_per_seed"], strict=False)
+                 if (seed, device) in base_acc]
         if diffs:
             row.update(vs_seq_mean=statistics.fmean(diffs),
                        vs_seq_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,

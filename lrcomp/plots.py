@@ -31,12 +31,14 @@ def quality_figure(rows: list[dict], title: str = ""):
             ax.axhspan(r["acc_mean"] - r["acc_std"], r["acc_mean"] + r["acc_std"], color="black", alpha=0.08)
     markers = "osD^vP*Xh<>"
     methods = list(dict.fromkeys(r["method"] for r in ok if r.get("budget") is not None))
+    colors = {}  # method -> its line's color, for the second panel
     for i, m in enumerate(methods):
         pts = sorted((r for r in ok if r["method"] == m and r.get("budget") is not None),
                      key=lambda r: r["params_kept_fraction"])
         line = ax.errorbar([r["params_kept_fraction"] for r in pts], [r["acc_mean"] for r in pts],
                            yerr=[r.get("acc_std") or 0.0 for r in pts], marker=markers[i % len(markers)], capsize=3,
                            label=m)
+        colors[m] = line[0].get_color()
         for r in pts:  # far below the rest: drawn at the bottom edge with its value
             if floor is not None and r["acc_mean"] < floor:
                 x = r["params_kept_fraction"]
@@ -53,17 +55,9 @@ def quality_figure(rows: list[dict], title: str = ""):
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title(title, fontsize=9)
     if paired:
-        colors = {h.get_label(): c for h, c in zip(*_legend_colors(ax), strict=True)}
         _paired_panel(ax_paired, paired, colors)
     fig.tight_layout()
     return fig
-
-
-def _legend_colors(ax) -> tuple[list, list]:
-    """The legend's handles and their colors (an errorbar container's color is that of its line)."""
-    handles, _ = ax.get_legend_handles_labels()
-    colors = [(h.lines[0] if hasattr(h, "lines") else h).get_color() for h in handles]
-    return handles, colors
 
 
 def _paired_panel(ax, rows: list[dict], colors: dict[str, str]) -> None:
