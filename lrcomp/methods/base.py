@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from lrcomp.layers.lowrank_linear import LowRankLinear
@@ -27,6 +28,29 @@ def build_options(options_cls: type, values: dict[str, Any], method: str):
     if unknown:
         raise TypeError(f"method_options {unknown} are not options of {method!r}; its options are {valid}")
     return options_cls(**values)
+
+
+def swap_params_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Parameter,
+                             new: list[nn.Parameter]) -> None:
+    """Make ``optimizer`` train ``new`` instead of ``old``.
+
+    ``new`` takes ``old``'s place in its parameter group (same hyperparameters, same position, so the
+    parameter order is deterministic and a checkpoint's optimizer state maps back), ``old``'s state is
+    dropped and the new parameters start with fresh state (AdamW: zero moments, step 0). No-op when
+    ``optimizer`` is None.
+
+    Raises:
+        ValueError: ``old`` is not in any of the optimizer's parameter groups.
+    """
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        index = next((i for i, p in enumerate(group["params"]) if p is old), None)
+        if index is not None:
+            group["params"] = group["params"][:index] + list(new) + group["params"][index + 1:]
+            optimizer.state.pop(old, None)
+            return
+    raise ValueError("the optimizer does not hold the dense weight being factored: build it from comp.parameters()")
 
 
 @dataclasses.dataclass
@@ -65,6 +89,22 @@ class JointMethod:
     def lowrank_layers(self) -> dict[str, LowRankLinear]:
         """The targets that are LowRankLinear now, by name."""
         return {n: m for n in self.comp.targets if isinstance(m := self.model.get_submodule(n), LowRankLinear)}
+
+    def rebind_feature_taps(self) -> None:
+        """After targeted layers were replaced mid-run: the feature-distillation tap follows the new modules."""
+        tap = getattr(self.comp, "_student_tap", None)
+        if tap is not None:
+            tap.bind(self.model, self.comp.targets)
+
+    def calibrates_at_setup(self) -> bool:
+        """Whether :meth:`setup` gets the statistics of ``needed_stats`` (False: the method calibrates later,
+        through ``comp.calibration_stats()``, from :meth:`on_step` or :meth:`finalize`)."""
+        return True
+
+    def runs_model_at(self, step: int) -> bool:
+        """Whether :meth:`on_step` ``(step)`` runs the model (a mid-run calibration): under FSDP the Compressor
+        then hands it the plain, unsharded model."""
+        return False
 
     # --------------------------------------------------------------- hooks
     def setup(self, stats) -> None:

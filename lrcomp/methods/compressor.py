@@ -88,7 +88,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -198,13 +199,17 @@ class Compressor:
         self._checked_teacher = False
 
         stats = None
+        self._calib_data = None
         if self.method.needed_stats:
             if calib_data is None:
                 raise ValueError(f"method {config.method!r} needs calibration statistics "
                                  f"{self.method.needed_stats}: pass calib_data")
-            stats = calibrate(model, calib_data, stats=self.method.needed_stats, target_modules=self._exact(),
-                              loss_fn=self.loss_fn, max_batches=config.calib_max_batches,
-                              group_size=config.calib_group_size, save_path=config.calib_save_path)
+            if self.method.calibrates_at_setup():
+                self._calib_data = calib_data
+                stats = self.calibration_stats(save_path=config.calib_save_path)
+            else:  # calibrated later, so a one-shot iterator is read now (the batches calibration would use)
+                self._calib_data = (list(itertools.islice(calib_data, config.calib_max_batches))
+                                    if isinstance(calib_data, Iterator) else calib_data)
         self.method.setup(stats)
         self._student_tap = self._teacher_tap = None
         if self.teacher is not None and self.feature_weight > 0:
@@ -214,6 +219,18 @@ class Compressor:
                                  f"{missing[:5]}")
             self._student_tap = FeatureTap(model, self.targets, detach=False)
             self._teacher_tap = FeatureTap(self.teacher, self.targets, detach=True)
+
+    def calibration_stats(self, save_path=None):
+        """The method's ``needed_stats`` of the targeted layers, from ``calib_data`` on the model as it is now.
+
+        Called at construction (``save_path``: ``config.calib_save_path``) or, for a method that calibrates
+        mid-run, by the method (no save path: a saved file would hold statistics of another state of the model).
+        Collective under torch.distributed (the statistics are summed over the ranks).
+        """
+        config = self.config
+        return calibrate(self.model, self._calib_data, stats=self.method.needed_stats, target_modules=self._exact(),
+                         loss_fn=self.loss_fn, max_batches=config.calib_max_batches,
+                         group_size=config.calib_group_size, save_path=save_path)
 
     def _exact(self) -> str:
         import re
@@ -405,7 +422,7 @@ class Compressor:
         the structure changed); see the module docstring.
         """
         self.step_count += 1
-        with self._full_parameters():
+        with self._full_parameters(plain=self.method.runs_model_at(self.step_count)):
             keep = (list(self.model.parameters()), list(self.model.buffers()))  # ids stay unique while compared
             before = dist_utils.structure_signature(self.model)
             self.method.on_step(self.step_count)

@@ -35,8 +35,16 @@ no paper text was available offline to check further details against, so none ar
 made here: only the core, the biases of the factored layers (option ``train_bias``) and the
 non-target parameters train (dense-kept targets train fully; option ``train_bases``, not in the
 specification, trains ``U`` and ``V`` too); nothing is pruned during training, so the ranks are
-fixed at setup and no compaction happens; a budget counted in latency must also hold
-in parameters (the Compressor checks parameters), else setup raises.
+fixed at the factorisation and no compaction happens; a budget counted in latency must also hold
+in parameters (the Compressor checks parameters), else the factorisation raises.
+
+Dense warm-up (option ``warmup_frac``, default 0, not in the specification): the first
+``t_w = max(1, round(warmup_frac T))`` steps train the model dense (every target stays ``nn.Linear``);
+after step ``t_w`` the Compressor calibrates the model as it is then (``calib_data`` again, in eval mode;
+under FSDP on the plain model), and the layers are factored and allocated as above. Each factored layer's
+dense weight leaves the optimizer and the core takes its place with fresh state
+(:func:`lrcomp.methods.base.swap_params_in_optimizer`); the bias is the same Parameter, so its state
+carries on. A checkpoint saved after ``t_w`` rebuilds the cores through :meth:`JACTUS.restore_structure`.
 """
 
 from __future__ import annotations
@@ -47,12 +55,13 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lrcomp import distributed as dist_utils
 from lrcomp.compression.allocate import allocate_ranks
 from lrcomp.compression.cost import LatencyTable
 from lrcomp.compression.factorizations import factorize
 from lrcomp.compression.oneshot import _uniform_ranks
 from lrcomp.layers.lowrank_linear import LowRankLinear
-from lrcomp.methods.base import JointMethod
+from lrcomp.methods.base import JointMethod, swap_params_in_optimizer
 from lrcomp.ops import lowrank_linear
 
 
@@ -71,6 +80,11 @@ class JACTUSOptions:
     # starts). The core's r^2 weights are all that adapts otherwise, against r (K + N) for the methods that
     # train their factors.
     train_bases: bool = False
+    # Share of total_steps trained dense (every target an nn.Linear) before the layers are calibrated and
+    # factored (not in the method as specified, whose default 0 factors the pretrained weights at setup).
+    # The output-gradient covariance is then taken through a trained head, and the union holds the
+    # fine-tuned weight's subspaces, as the sequential baselines' factorisation does after their first half.
+    warmup_frac: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("weight_frac", "input_frac", "grad_frac"):
@@ -86,6 +100,9 @@ class JACTUSOptions:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0:
                 raise ValueError(f"jactus option {name} must be a positive number, got {value!r}")
+        wf = self.warmup_frac
+        if isinstance(wf, bool) or not isinstance(wf, (int, float)) or not 0 <= wf < 1:
+            raise ValueError(f"jactus option warmup_frac must be in [0, 1), got {wf!r}")
         for name in ("train_bias", "train_bases"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"jactus option {name} must be a bool, got {getattr(self, name)!r}")
@@ -105,8 +122,8 @@ class CoreLowRankLinear(LowRankLinear):
     """
 
     @classmethod
-    def from_lowrank(cls, layer: LowRankLinear, train_bias: bool = True,
-                     train_bases: bool = False) -> CoreLowRankLinear:
+    def from_lowrank(cls, layer: LowRankLinear) -> CoreLowRankLinear:
+        """The core layer of ``layer``'s weight (``M = diag(S * active)``); only the core and the bias train."""
         if layer.lora_A is not None or layer.dense_weight is not None or layer.mask_fn != "none":
             raise ValueError("CoreLowRankLinear wraps a plain LowRankLinear (no LoRA, dense branch or mask)")
         core = cls(layer.in_features, layer.out_features, layer.rank, bias=layer.bias is not None,
@@ -118,10 +135,6 @@ class CoreLowRankLinear(LowRankLinear):
             if layer.bias is not None:
                 core.bias.copy_(layer.bias)
         core.importance = layer.importance
-        if core.bias is not None:
-            core.bias.requires_grad_(train_bias)
-        core.U.requires_grad_(train_bases)
-        core.V.requires_grad_(train_bases)
         return core
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, **kwargs) -> None:
@@ -165,62 +178,123 @@ class JACTUS(JointMethod):
     Options = JACTUSOptions
     needed_stats = ("input_cov", "grad_cov")
 
+    @property
+    def boundary(self) -> int:
+        """The step after which the layers are calibrated and factored (0: at setup)."""
+        frac = self.options.warmup_frac
+        return 0 if frac == 0 else max(1, round(frac * self.total_steps))
+
+    def calibrates_at_setup(self) -> bool:
+        return self.boundary == 0
+
+    def runs_model_at(self, step: int) -> bool:
+        return not self.factored and step >= self.boundary
+
     def setup(self, stats) -> None:
+        self.factored = False
+        self.ranks: dict[str, int] = {}
+        if self.boundary > 0:
+            return  # dense warm-up: every target stays nn.Linear and trains until the boundary
         if stats is None:
             raise ValueError("jactus needs calibration statistics ('input_cov', 'grad_cov'): pass calib_data")
+        self.factorize_layers(stats)
+
+    def on_step(self, step: int) -> None:
+        if not self.factored and step >= self.boundary:
+            self.factorize_layers(self.comp.calibration_stats())
+
+    @torch.no_grad()
+    def _allocate(self, stats, originals: dict[str, nn.Linear]) -> dict[str, int]:
+        config, opts = self.comp.config, self.options.union_options()
+        if config.allocation == "uniform":
+            return dict(_uniform_ranks(self.model, self.comp.targets, config.budget))
+        # Full rank: the union is the whole space, so the importance is the exact whitened one.
+        for name, linear in originals.items():
+            self.model.set_submodule(name, factorize(linear, None, method="jactus_union", stats=stats[name], **opts))
+        table = config.cost_table
+        if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
+            table = LatencyTable.from_json(table)
+        try:
+            return dict(allocate_ranks(self.model, config.budget, score="importance", cost=config.cost,
+                                       cost_table=table, min_rank=config.min_rank,
+                                       target_modules=self.comp._exact()))
+        finally:
+            for name, linear in originals.items():
+                self.model.set_submodule(name, linear)
+
+    @torch.no_grad()
+    def factorize_layers(self, stats) -> None:
+        """Union-of-subspaces factorisation of every target at its allocated rank; cores in the optimizer."""
         missing = [n for n in self.comp.targets if n not in stats or "grad_cov" not in stats[n]
                    or "input_cov" not in stats[n]]
         if missing:
             raise ValueError(f"jactus needs input_cov and grad_cov for every target (grad_cov needs the task "
                              f"loss: pass loss_fn to the Compressor); missing for {missing[:5]}")
-        config, opts = self.comp.config, self.options.union_options()
+        config = self.comp.config
         originals = {n: self.model.get_submodule(n) for n in self.comp.targets}
-        if config.allocation == "uniform":
-            ranks = _uniform_ranks(self.model, self.comp.targets, config.budget)
-        else:
-            # Full rank: the union is the whole space, so the importance is the exact whitened one.
-            for name, linear in originals.items():
-                self.model.set_submodule(name, factorize(linear, None, method="jactus_union", stats=stats[name],
-                                                        **opts))
-            table = config.cost_table
-            if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
-                table = LatencyTable.from_json(table)
-            try:
-                ranks = allocate_ranks(self.model, config.budget, score="importance", cost=config.cost,
-                                       cost_table=table, min_rank=config.min_rank,
-                                       target_modules=self.comp._exact())
-            finally:
-                for name, linear in originals.items():
-                    self.model.set_submodule(name, linear)
+        # Every rank computes the same statistics (summed over the ranks); rank 0's allocation is used by all.
+        ranks = dist_utils.broadcast_object(self._allocate(stats, originals))
         # The Compressor checks the budget in parameters; a latency allocation may keep more.
         kept = sum(ranks[n] * (m.in_features + m.out_features) if n in ranks else m.in_features * m.out_features
                    for n, m in originals.items())
         if kept > config.budget * self.comp.total_cost:
             raise ValueError(f"jactus: the {config.cost} allocation keeps {kept / self.comp.total_cost:.4f} of the "
                              f"targeted weights, over budget={config.budget:g} (the budget is checked in parameters)")
-        self.ranks = dict(ranks)
+        opts = self.options.union_options()
         for name, linear in originals.items():
-            if name not in ranks:
-                continue
-            layer = factorize(linear, ranks[name], method="jactus_union", stats=stats[name], **opts)
-            core = CoreLowRankLinear.from_lowrank(layer, train_bias=self.options.train_bias,
-                                                  train_bases=self.options.train_bases)
-            self.model.set_submodule(name, core.train(linear.training))
+            if name in ranks:
+                layer = factorize(linear, ranks[name], method="jactus_union", stats=stats[name], **opts)
+                self._install(name, linear, CoreLowRankLinear.from_lowrank(layer))
+        self.ranks = dict(ranks)
+        self.factored = True
+
+    def _install(self, name: str, linear: nn.Linear, core: CoreLowRankLinear) -> None:
+        """Put ``core`` in place of ``linear``: the same bias Parameter (its optimizer state carries on), the
+        dense weight replaced in the optimizer by what trains now (the core; ``U``, ``V`` with ``train_bases``)."""
+        trains = linear.weight.requires_grad
+        if linear.bias is not None:
+            core.bias = linear.bias
+            core.bias.requires_grad_(self.options.train_bias and trains)
+        core.core.requires_grad_(trains)
+        core.U.requires_grad_(self.options.train_bases and trains)
+        core.V.requires_grad_(self.options.train_bases and trains)
+        if trains:
+            swap_params_in_optimizer(self.comp.optimizer, linear.weight, [p for p in (core.core, core.U, core.V)
+                                                                           if p.requires_grad])
+        self.model.set_submodule(name, core.train(linear.training))
+        self.rebind_feature_taps()
+
+    def restore_structure(self, structure) -> None:
+        """Before a checkpoint saved after the boundary is loaded: the cores at the saved ranks (values from it)."""
+        if self.factored or not any(info["type"] == "lowrank" for info in structure.values()):
+            return
+        for name, info in structure.items():
+            if info["type"] == "lowrank":
+                linear = self.model.get_submodule(name)
+                core = CoreLowRankLinear(linear.in_features, linear.out_features, info["rank"],
+                                         bias=linear.bias is not None, device=linear.weight.device,
+                                         dtype=linear.weight.dtype)
+                self._install(name, linear, core)
+                self.ranks[name] = info["rank"]
+        self.factored = True
 
     def core_layers(self) -> dict[str, CoreLowRankLinear]:
         return {n: m for n, m in self.lowrank_layers().items() if isinstance(m, CoreLowRankLinear)}
 
     def finalize(self) -> nn.Module:
-        """Fold every core into its factors: plain LowRankLinear layers of ``r (K + N)`` weights."""
+        """Factor now if the warm-up has not ended; fold every core: plain LowRankLinear of ``r (K + N)`` weights."""
+        if not self.factored:
+            self.factorize_layers(self.comp.calibration_stats())
         for name, layer in self.core_layers().items():
             self.model.set_submodule(name, layer.fold())
         return self.model
 
     def state_dict(self):
-        return {"ranks": dict(self.ranks)}
+        return {"factored": self.factored, "ranks": dict(self.ranks)}
 
     def load_state_dict(self, state) -> None:
         saved = state.get("ranks")
         if saved is not None and saved != self.ranks:
             raise ValueError(f"the checkpoint's jactus ranks {saved} differ from this run's allocation {self.ranks} "
                              f"(calibrate on the same data with the same config)")
+        self.factored = bool(state.get("factored", self.factored))

@@ -68,7 +68,7 @@ from lrcomp.compression.cost import LatencyTable
 from lrcomp.compression.factorizations import factorize
 from lrcomp.compression.oneshot import _uniform_ranks
 from lrcomp.layers.lowrank_linear import LowRankLinear
-from lrcomp.methods.base import JointMethod
+from lrcomp.methods.base import JointMethod, swap_params_in_optimizer
 from lrcomp.methods.schedules import decay
 
 IMPORTANCES = ("movement", "first_order")
@@ -201,30 +201,6 @@ class MaskedLinear(nn.Linear):
         return linear.train(self.training)
 
 
-def swap_params_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Parameter,
-                             new: list[nn.Parameter]) -> None:
-    """Make ``optimizer`` train ``new`` instead of ``old``.
-
-    ``new`` takes ``old``'s place in its parameter group (same hyperparameters, same position, so the
-    parameter order is deterministic and a checkpoint's optimizer state maps back), ``old``'s state is
-    dropped and the new parameters start with fresh state (AdamW: zero moments, step 0). No-op when
-    ``optimizer`` is None.
-
-    Raises:
-        ValueError: ``old`` is not in any of the optimizer's parameter groups.
-    """
-    if optimizer is None:
-        return
-    for group in optimizer.param_groups:
-        index = next((i for i, p in enumerate(group["params"]) if p is old), None)
-        if index is not None:
-            group["params"] = group["params"][:index] + list(new) + group["params"][index + 1:]
-            optimizer.state.pop(old, None)
-            return
-    raise ValueError("the optimizer does not hold the dense weight being factored: build it from comp.parameters()")
-
-
-
 class LPAF(JointMethod):
     """See the module docstring: first-order pruning, sparsity-aware SVD, mixed-rank fine-tuning."""
 
@@ -336,7 +312,7 @@ class LPAF(JointMethod):
             self._install(name, layer, lowrank)
         self.ranks = ranks
         self.factored = True
-        self._rebind_taps()
+        self.rebind_feature_taps()
 
     def _install(self, name: str, dense: MaskedLinear, lowrank: LowRankLinear) -> None:
         """Put ``lowrank`` in place of ``dense``: shared bias, frozen scores, weight -> U, S, V in the optimizer."""
@@ -348,11 +324,6 @@ class LPAF(JointMethod):
         if dense.weight.requires_grad:
             swap_params_in_optimizer(self.comp.optimizer, dense.weight, new)
         self.model.set_submodule(name, lowrank.train(dense.training))
-
-    def _rebind_taps(self) -> None:
-        tap = getattr(self.comp, "_student_tap", None)
-        if tap is not None:
-            tap.bind(self.model, self.comp.targets)
 
     def restore_structure(self, structure) -> None:
         """Before a checkpoint is loaded: rebuild the phase-2 structure it was saved with (values come from it)."""
@@ -369,7 +340,7 @@ class LPAF(JointMethod):
             self._install(name, layer, lowrank)
             self.ranks[name] = info["rank"]
         self.factored = True
-        self._rebind_taps()
+        self.rebind_feature_taps()
 
     def finalize(self) -> nn.Module:
         """Factor now if phase 2 has not happened; plain ``nn.Linear`` for the dense layers; compact."""

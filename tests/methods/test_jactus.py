@@ -1,5 +1,7 @@
 """JACTUS: union-of-subspaces factorisation, frozen bases with a trainable core, global allocation."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -222,3 +224,128 @@ def test_jactus_train_bases_option_trains_u_and_v_and_folds_exactly():
     assert comp.kept_cost() <= 0.5 * comp.total_cost
     with pytest.raises(ValueError, match="train_bases"):
         JACTUSOptions(train_bases=1)
+
+
+# ---------------------------------------------------------------------------------------------- dense warm-up
+def _warm(budget=0.5, steps=20, frac=0.5, **kw):
+    return _config(budget, steps=steps, method_options={"warmup_frac": frac, **kw.pop("options", {})}, **kw)
+
+
+def test_jactus_warmup_trains_dense_then_factors_the_trained_weights():
+    model = pretrained_mlp()
+    comp, opt = _build(model, _warm(steps=20, frac=0.3), lr=3e-3)  # boundary: step 6
+    assert comp.method.boundary == 6 and not comp.method.factored and comp.method.ranks == {}
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in TARGETS)
+    pretrained = {n: model.get_submodule(n).weight.detach().clone() for n in TARGETS}
+    seen = {}
+    original = comp.calibration_stats
+
+    def recording(**kw):
+        seen["model"] = copy.deepcopy(comp.model)  # the model the statistics describe
+        seen["stats"] = original(**kw)
+        return seen["stats"]
+
+    comp.calibration_stats = recording
+
+    def check(step):
+        if step < 6:
+            assert "model" not in seen and not comp.method.core_layers()
+        if step == 6:
+            assert "model" in seen and comp.method.factored
+            for n in TARGETS:  # the warm-up trained the dense weights
+                assert (seen["model"].get_submodule(n).weight - pretrained[n]).abs().max() > 1e-3
+            for n, core in comp.method.core_layers().items():
+                expected = CoreLowRankLinear.from_lowrank(
+                    factorize(seen["model"].get_submodule(n), comp.method.ranks[n], method="jactus_union",
+                              stats=seen["stats"][n]))
+                for attr in ("U", "V", "core"):
+                    torch.testing.assert_close(getattr(core, attr), getattr(expected, attr))
+                assert core.bias is seen_bias[n]  # the same Parameter: its optimizer state carries on
+            trainable = {id(p) for p in model.parameters() if p.requires_grad}
+            assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+            assert not any(id(p) in trainable for core in comp.method.core_layers().values()
+                           for p in (core.U, core.V))
+
+    seen_bias = {n: model.get_submodule(n).bias for n in TARGETS}
+    train(comp, opt, 20, after_step=check)
+    assert comp.method.core_layers()
+    final = comp.finalize()
+    assert comp.kept_cost() <= 0.5 * comp.total_cost
+    assert all(type(final.get_submodule(n)) is LowRankLinear for n in comp.method.ranks)
+
+
+def test_jactus_warmup_learns_and_ends_within_budget():
+    model = pretrained_mlp()
+    comp, opt = _build(model, _warm(0.3, steps=150, frac=0.5))
+    before_loss, _ = evaluate(model)
+    train(comp, opt, 150)
+    final = comp.finalize()
+    loss, acc = evaluate(final)
+    assert loss < 0.7 * before_loss and acc > 0.8
+    assert comp.kept_cost() <= 0.3 * comp.total_cost
+
+
+def test_jactus_warmup_finalize_before_the_boundary_still_factors():
+    model = pretrained_mlp()
+    comp, opt = _build(model, _warm(steps=20, frac=0.5))
+    train(comp, opt, 4)
+    assert not comp.method.factored
+    final = comp.finalize()
+    assert comp.method.factored and comp.kept_cost() <= 0.5 * comp.total_cost
+    assert all(type(final.get_submodule(n)) is LowRankLinear for n in comp.method.ranks)
+
+
+def test_jactus_warmup_reads_a_one_shot_iterator_of_calibration_batches_once():
+    model = pretrained_mlp()
+    config = _warm(steps=6, frac=0.5, calib_max_batches=3)
+    comp = Compressor(model, config, calib_data=iter(_calib()), loss_fn=_loss_fn)
+    assert isinstance(comp._calib_data, list) and len(comp._calib_data) == 3  # read at construction
+    opt = torch.optim.AdamW(comp.parameters(), lr=1e-3)
+    comp.attach(opt)
+    train(comp, opt, 6)
+    assert comp.method.factored and comp.method.core_layers()
+
+
+@pytest.mark.parametrize("cut", [2, 5, 11])  # before, at and after the boundary (step 5)
+def test_jactus_warmup_resume_across_the_boundary_equals_uninterrupted(tmp_path, cut):
+    steps = 16
+    config = _warm(steps=steps, frac=0.3, distill_weight=0.5, feature_weight=0.5)
+    model_a = pretrained_mlp()
+    comp_a, opt_a = _build(model_a, config)
+    train(comp_a, opt_a, steps)
+
+    comp_b, opt_b = _build(pretrained_mlp(), config)
+    train(comp_b, opt_b, cut)
+    comp_b.save_checkpoint(tmp_path / "ckpt.safetensors")
+
+    model_c = pretrained_mlp()
+    comp_c, opt_c = _build(model_c, config)
+    comp_c.load_checkpoint(tmp_path / "ckpt.safetensors")
+    assert comp_c.step_count == cut and comp_c.method.factored == (cut >= 5)
+    train(comp_c, opt_c, steps, start=cut)
+    assert comp_c.method.ranks == comp_a.method.ranks
+    for (name, pa), (_, pc) in zip(model_a.state_dict().items(), model_c.state_dict().items(), strict=True):
+        assert torch.equal(pa, pc), name
+    fa, fc = comp_a.finalize(), comp_c.finalize()
+    X, _ = task()
+    with torch.no_grad():
+        assert torch.equal(fa(X), fc(X))
+
+
+def test_jactus_warmup_feature_distillation_reaches_the_cores_after_the_boundary():
+    model = pretrained_mlp()
+    comp, opt = _build(model, _warm(steps=10, frac=0.5, feature_weight=1.0))
+    train(comp, opt, 6)
+    cores = comp.method.core_layers()
+    assert cores
+    X, _ = task()
+    out = model(X[:64])
+    comp.loss(torch.zeros((), requires_grad=True), inputs=X[:64], outputs=out).backward()
+    assert comp.last_terms["feature"] > 0  # the student's tap reads the core layers, not the replaced Linears
+    assert all(m.core.grad is not None and m.core.grad.abs().sum() > 0 for m in cores.values())
+
+
+def test_jactus_warmup_option_is_validated():
+    for bad in (-0.1, 1.0, True, "half"):
+        with pytest.raises(ValueError, match="warmup_frac"):
+            JACTUSOptions(warmup_frac=bad)

@@ -7,7 +7,8 @@ from toy import evaluate, pretrained_mlp, task, train
 
 from lrcomp import CompressionConfig, Compressor
 from lrcomp.layers import LowRankLinear
-from lrcomp.methods.lpaf import LPAFOptions, MaskedLinear, swap_params_in_optimizer
+from lrcomp.methods.base import swap_params_in_optimizer
+from lrcomp.methods.lpaf import LPAFOptions, MaskedLinear
 
 TARGETS = ["0", "2"]
 
