@@ -13,13 +13,15 @@ exactly); on every rank they are the same bits. Trained parameters agree with th
 its movement / first-order scores are fp32 buffers by design (averaged over the ranks in fp32: ~1e-8
 apart) and the sparsity-aware SVD at the boundary turns them into the factors (observed ~2e-7); PC-LoRA,
 whose feature distillation normalises each layer by the teacher's energy summed over the ranks, to ``1e-12``
-(with per-rank normalisation it was ~1.6e-3 away). The two ranks agree bitwise, and a resumed run bitwise
+(with per-rank normalisation it was ~1.6e-3 away); JACTUS with a dense warm-up, whose calibration at the
+boundary (step 12) sums the statistics of the ranks' shards, to ``1e-12`` as well. The two ranks agree bitwise, and a resumed run bitwise
 with the uninterrupted one.
 
 FSDP2 (``comp.wrap_fsdp``; FSDP reduce-scatters the averaged gradient, so the same single-process run is
 the reference, with the same tolerances): ACIP with one FSDP group (the root: its penalty reads the scores
 after the forward), LPAF with the targeted layers as their own groups (resharded after forward), both
-with a checkpoint and a resumed run. Calibration of a model sharded with ``fully_shard`` gives the
+with a checkpoint and a resumed run; JACTUS likewise, calibrated at its boundary on the plain model
+(the Compressor strips FSDP for a step whose hook runs the model). Calibration of a model sharded with ``fully_shard`` gives the
 statistics of the plain model.
 """
 
@@ -48,14 +50,15 @@ from lrcomp.layers import LowRankLinear  # noqa: E402
 WORLD = 2
 STEPS = 24
 # root only (ACIP's penalty, PC-LoRA) / the targeted layers as groups
-FSDP_UNITS = {"acip": None, "lpaf": ["0", "2"], "pc_lora": None}
-CKPT_AT = 9  # LPAF's boundary is step 12: the resumed run factors its layers; ACIP has pruned already
+FSDP_UNITS = {"acip": None, "lpaf": ["0", "2"], "pc_lora": None, "jactus": ["0", "2"]}
+CKPT_AT = 9  # LPAF's and JACTUS's boundary is step 12: the resumed run factors its layers; ACIP has pruned already
 STATS = ("input_cov", "grad_cov", "input_abs_mean", "fisher")
-ATOL = {"acip": 1e-12, "lpaf": 1e-6, "pc_lora": 1e-12}
+ATOL = {"acip": 1e-12, "lpaf": 1e-6, "pc_lora": 1e-12, "jactus": 1e-12}
 OPTIONS = {
     "acip": {"lora_rank": 2, "score_init": 0.3, "score_lr": 0.05, "prune_fraction": 0.5},
     "lpaf": {"prune_frac": 0.5},
     "pc_lora": {"init": "svd"},  # deterministic factors; the decay ends at step 12 (the dense branch is dropped)
+    "jactus": {"warmup_frac": 0.5},  # dense to step 12, then calibrated (a collective) on the trained model
 }
 METHODS = tuple(OPTIONS)
 
@@ -81,9 +84,12 @@ def _config(method):
                              method_options=OPTIONS[method])
 
 
-def _build(method):
+def _build(method, rank=0, world=1):
     model = pretrained_mlp(steps=60).double()
-    comp = Compressor(model, _config(method))
+    calib = None
+    if method == "jactus":  # this rank's shard of the calibration batches (fp64, like the model)
+        calib = [(X.double(), y) for X, y in _calib_batches()[rank::world]]
+    comp = Compressor(model, _config(method), calib_data=calib, loss_fn=_loss_fn)
     opt = torch.optim.AdamW(comp.parameters(), lr=3e-3)
     comp.attach(opt)
     return comp, opt
@@ -129,7 +135,7 @@ def _full_state(model):
 
 
 def _joint(method, rank, world, ckpt=None, resume=False, wrap="ddp"):
-    comp, opt = _build(method)
+    comp, opt = _build(method, rank, world)
     start = 0
     if world > 1 and wrap == "ddp":
         comp.wrap_ddp()
