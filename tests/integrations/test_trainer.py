@@ -284,3 +284,29 @@ def test_compressor_under_trainer(tmp_path, method):
         out = final(data.x[:8], data.y[:8])
     assert out["logits"].shape == (8, CLASSES) and torch.isfinite(out["logits"]).all()
     assert not math.isnan(out["loss"].item())
+
+
+@needs_framework
+def test_jactus_dense_warmup_under_trainer_trains_the_cores_after_the_boundary(tmp_path):
+    """The mid-run factorisation swaps the dense weights for the cores in the Trainer's own optimizer."""
+    torch.manual_seed(0)
+    steps = 16
+    model = TinyClassifier()
+    data = ToyDataset()
+    calib = [{"x": data.x[i:i + 32], "labels": data.y[i:i + 32]} for i in range(0, 128, 32)]
+    config = lrcomp.CompressionConfig(method="jactus", budget=BUDGET, total_steps=steps, target_modules=["up", "mid"],
+                                      method_options={"warmup_frac": 0.5})
+    comp = lrcomp.Compressor(model, config, calib_data=calib, loss_fn=lambda out, batch: out["loss"], teacher=None)
+    trainer = make_trainer(model, comp, training_args(tmp_path, max_steps=steps, learning_rate=3e-3), data,
+                           lowrank_callback=LowRankCallback(comp, finalize=False))
+    trainer.train()
+    cores = comp.method.core_layers()
+    assert comp.method.factored and cores
+    held = {id(p) for group in comp.optimizer.param_groups for p in group["params"]}
+    for core in cores.values():
+        assert id(core.core) in held
+        off_diagonal = core.core - torch.diag(torch.diag(core.core))
+        assert off_diagonal.abs().max() > 1e-4  # initialised diagonal: the optimizer stepped it
+    final = comp.finalize()
+    now, dense = target_params(final)
+    assert now <= BUDGET * dense * (1 + 1e-9)
