@@ -14,15 +14,15 @@ its movement / first-order scores are fp32 buffers by design (averaged over the 
 apart) and the sparsity-aware SVD at the boundary turns them into the factors (observed ~2e-7); PC-LoRA,
 whose feature distillation normalises each layer by the teacher's energy summed over the ranks, to ``1e-12``
 (with per-rank normalisation it was ~1.6e-3 away); JACTUS with a dense warm-up, whose calibration at the
-boundary (step 12) sums the statistics of the ranks' shards, to ``1e-12`` as well. The two ranks agree bitwise, and a resumed run bitwise
-with the uninterrupted one.
+boundary (step 12) sums the statistics of the ranks' shards, to ``1e-12`` as well. The two ranks agree
+bitwise, and a resumed run bitwise with the uninterrupted one.
 
 FSDP2 (``comp.wrap_fsdp``; FSDP reduce-scatters the averaged gradient, so the same single-process run is
 the reference, with the same tolerances): ACIP with one FSDP group (the root: its penalty reads the scores
 after the forward), LPAF with the targeted layers as their own groups (resharded after forward), both
 with a checkpoint and a resumed run; JACTUS likewise, calibrated at its boundary on the plain model
-(the Compressor strips FSDP for a step whose hook runs the model). Calibration of a model sharded with ``fully_shard`` gives the
-statistics of the plain model.
+(the Compressor strips FSDP for a step whose hook runs the model). Calibration of a model sharded with
+``fully_shard`` gives the statistics of the plain model.
 """
 
 from __future__ import annotations
