@@ -14,8 +14,9 @@ Here they are wired into the Trainer:
   (the result is ``callback.final_model``).
 - :class:`LowRankTrainer` (a ``Trainer``): builds the optimizer on ``comp.parameters()`` only
   (``create_optimizer``), routes the training loss through ``comp.loss`` (``compute_loss``),
-  registers the callback itself, restores the compressor on ``train(resume_from_checkpoint=...)``,
-  and replaces ``trainer.model`` with the finalized model after ``train()``.
+  registers the callback itself, restores the compressor on ``train(resume_from_checkpoint=...)`` (in an
+  optimizer built on the starting structure, so the Trainer's saved optimizer state lines up), and
+  replaces ``trainer.model`` with the finalized model after ``train()``.
 - :func:`make_trainer`: ``LowRankTrainer(model, args, train_dataset=..., compressor=...)`` in one call.
 
 Example::
@@ -88,6 +89,17 @@ def check_optimizer_params(optimizer: torch.optim.Optimizer, compressor) -> None
             f"and misses {missing} of them. Use lrcomp.integrations.LowRankTrainer (or make_trainer), whose "
             f"create_optimizer builds the optimizer on compressor.parameters(), or pass "
             f"optimizers=(torch.optim.AdamW(compressor.parameters(), ...), None) to the Trainer")
+    # A state loaded from an optimizer.pt whose parameter order differs from this optimizer's lands on the wrong
+    # parameters (a fused step may then crash the process): refuse it while the shapes tell.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != p.shape:
+                    raise ValueError(
+                        f"the optimizer's state {key!r} has shape {tuple(value.shape)} for a parameter of shape "
+                        f"{tuple(p.shape)}: the optimizer state was restored in another parameter order than "
+                        f"this optimizer's. Resume through LowRankTrainer.train(resume_from_checkpoint=...), which "
+                        f"replays the compressor's structure changes in the optimizer before the Trainer loads it")
 
 
 class LowRankCallback(TrainerCallback):
@@ -252,9 +264,14 @@ class LowRankTrainer(Trainer):
                 folder = get_last_checkpoint(self.args.output_dir)
                 if folder is None:
                     raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
-            # before Trainer loads the weights: the compressor restores the (compacted) layer shapes first
-            if self.lowrank_callback.load(folder):
-                self.optimizer = None  # rebuilt on the restored parameters
+            # Before Trainer loads the weights and its optimizer.pt: the compressor restores the layer structure.
+            # The optimizer is built first, on the structure the run started with, so that the restore replays
+            # the run's changes in it (compaction slices a parameter in place; LPAF / JACTUS put new parameters
+            # where the dense weight was): its parameter order is then the one optimizer.pt was saved with.
+            if os.path.exists(os.path.join(os.fspath(folder), COMPRESSOR_CHECKPOINT_NAME)):
+                self.optimizer = None
+                self.compressor.attach(self.create_optimizer())
+                self.lowrank_callback.load(folder)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         final = self.lowrank_callback.final_model
         if final is not None:

@@ -310,3 +310,23 @@ def test_jactus_dense_warmup_under_trainer_trains_the_cores_after_the_boundary(t
     final = comp.finalize()
     now, dense = target_params(final)
     assert now <= BUDGET * dense * (1 + 1e-9)
+
+
+def test_optimizer_state_restored_in_another_order_is_refused():
+    from lrcomp.integrations.trainer import check_optimizer_params
+
+    a, b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(4))
+
+    class Holder:
+        def parameters(self):
+            return [a, b]
+
+    opt = torch.optim.AdamW([a, b], lr=1e-3)
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    check_optimizer_params(opt, Holder())  # its own state fits
+    state = opt.state_dict()
+    state["state"] = {0: state["state"][1], 1: state["state"][0]}  # saved in the other order
+    opt.load_state_dict(state)
+    with pytest.raises(ValueError, match="another parameter order"):
+        check_optimizer_params(opt, Holder())
