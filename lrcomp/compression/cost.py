@@ -198,6 +198,14 @@ class LatencyTable:
 
 
 # ---------------------------------------------------------------------- measurement
+def resolve_cost_table(table):
+    """``config.cost_table`` as the allocator takes it: a path (str, bytes, PathLike) is read as a
+    :class:`LatencyTable` JSON file; a table or None is returned as it is."""
+    if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
+        return LatencyTable.from_json(table)
+    return table
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -11,7 +11,7 @@ from torch import nn
 from lrcomp.calib.calibrate import calibrate
 from lrcomp.compression.allocate import allocate_ranks, importance_keep_mask
 from lrcomp.compression.config import ONE_SHOT_METHODS, CompressionConfig
-from lrcomp.compression.cost import LatencyTable
+from lrcomp.compression.cost import resolve_cost_table
 from lrcomp.compression.factorizations import OPTIONAL_STATS, REQUIRED_STATS, factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.replace import find_target_linears
@@ -116,9 +116,7 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
                 if config.sensitivity:
                     layer.importance = layer.importance * layer_sensitivity(stats[name]["grad_cov"])
                 model.set_submodule(name, layer)
-            table = config.cost_table
-            if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
-                table = LatencyTable.from_json(table)
+            table = resolve_cost_table(config.cost_table)
             ranks = allocate_ranks(model, config.budget, score="importance", cost=config.cost, cost_table=table,
                                    min_rank=config.min_rank, target_modules=_exact(targets))
 

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from lrcomp import distributed as dist_utils
 from lrcomp.compression.allocate import allocate_ranks
-from lrcomp.compression.cost import LatencyTable
+from lrcomp.compression.cost import resolve_cost_table
 from lrcomp.compression.factorizations import factorize
 from lrcomp.compression.oneshot import _uniform_ranks
 from lrcomp.layers.lowrank_linear import LowRankLinear
@@ -211,9 +211,7 @@ class JACTUS(JointMethod):
         # Full rank: the union is the whole space, so the importance is the exact whitened one.
         for name, linear in originals.items():
             self.model.set_submodule(name, factorize(linear, None, method="jactus_union", stats=stats[name], **opts))
-        table = config.cost_table
-        if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
-            table = LatencyTable.from_json(table)
+        table = resolve_cost_table(config.cost_table)
         try:
             return dict(allocate_ranks(self.model, config.budget, score="importance", cost=config.cost,
                                        cost_table=table, min_rank=config.min_rank,

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from lrcomp import distributed as dist_utils
 from lrcomp.compression.allocate import allocate_ranks, importance_keep_mask
-from lrcomp.compression.cost import LatencyTable
+from lrcomp.compression.cost import resolve_cost_table
 from lrcomp.compression.factorizations import factorize
 from lrcomp.compression.oneshot import _uniform_ranks
 from lrcomp.layers.lowrank_linear import LowRankLinear
@@ -265,9 +265,7 @@ class LPAF(JointMethod):
         config = self.comp.config
         if config.allocation == "uniform":
             return _uniform_ranks(self.model, self.comp.targets, config.budget)
-        table = config.cost_table
-        if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):
-            table = LatencyTable.from_json(table)
+        table = resolve_cost_table(config.cost_table)
         kw = {"score": "importance", "min_rank": config.min_rank, "target_modules": self.comp._exact()}
         ranks = allocate_ranks(self.model, config.budget, cost=config.cost, cost_table=table, **kw)
         kept = sum(ranks[n] * (m.in_features + m.out_features) if n in ranks else m.in_features * m.out_features
