@@ -106,10 +106,11 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-# ACIP compacts its layers before the checkpoint of step 3; LPAF and JACTUS (dense warm-up) replace the dense
-# weights by new parameters in the optimizer at step 2, which the resumed Trainer's optimizer must line up with.
+# ACIP compacts its layers before the checkpoint of step 3; LPAF, JACTUS and ACIP with a dense warm-up replace the
+# dense weights by new parameters in the optimizer at step 2, which the resumed Trainer's optimizer must line up with.
 @pytest.mark.parametrize("method,options", [
-    ("acip", ("lora_rank=2",)), ("lpaf", ("prune_frac=0.3",)), ("jactus", ("warmup_frac=0.3",)),
+    ("acip", ("lora_rank=2",)), ("acip", ("lora_rank=2", "warmup_frac=0.3")), ("lpaf", ("prune_frac=0.3",)),
+    ("jactus", ("warmup_frac=0.3",)),
     ("jactus", ("warmup_frac=0.3", "train_bases=true"))])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(root, tmp_path, capsys, monkeypatch, method, options):
     extra = ("--steps", 6, "--save-steps", 3, "--seed", 1, *(a for o in options for a in ("--method-option", o)))

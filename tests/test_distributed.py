@@ -50,17 +50,25 @@ from lrcomp.layers import LowRankLinear  # noqa: E402
 WORLD = 2
 STEPS = 24
 # root only (ACIP's penalty, PC-LoRA) / the targeted layers as groups
-FSDP_UNITS = {"acip": None, "lpaf": ["0", "2"], "pc_lora": None, "jactus": ["0", "2"]}
-CKPT_AT = 9  # LPAF's and JACTUS's boundary is step 12: the resumed run factors its layers; ACIP has pruned already
+FSDP_UNITS = {"acip": None, "acip_warmup": None, "lpaf": ["0", "2"], "pc_lora": None, "jactus": ["0", "2"]}
+# LPAF's and JACTUS's boundary is step 12: the resumed run factors its layers; ACIP has pruned already, and ACIP
+# with a warm-up factored its layers at step 6
+CKPT_AT = 9
 STATS = ("input_cov", "grad_cov", "input_abs_mean", "fisher")
-ATOL = {"acip": 1e-12, "lpaf": 1e-6, "pc_lora": 1e-12, "jactus": 1e-12}
+ATOL = {"acip": 1e-12, "acip_warmup": 1e-12, "lpaf": 1e-6, "pc_lora": 1e-12, "jactus": 1e-12}
+# each case: a method and its options (the key is the method unless named "<method>_<variant>")
 OPTIONS = {
     "acip": {"lora_rank": 2, "score_init": 0.3, "score_lr": 0.05, "prune_fraction": 0.5},
+    "acip_warmup": {"lora_rank": 2, "score_init": 0.3, "score_lr": 0.05, "prune_fraction": 0.5, "warmup_frac": 0.25},
     "lpaf": {"prune_frac": 0.5},
     "pc_lora": {"init": "svd"},  # deterministic factors; the decay ends at step 12 (the dense branch is dropped)
     "jactus": {"warmup_frac": 0.5},  # dense to step 12, then calibrated (a collective) on the trained model
 }
 METHODS = tuple(OPTIONS)
+
+
+def _method(case):
+    return case if case in lrcomp.JOINT_METHODS else case.rsplit("_", 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------- shared code
@@ -80,7 +88,7 @@ def _loss_fn(out, batch):
 
 
 def _config(method):
-    return CompressionConfig(method=method, budget=0.5, total_steps=STEPS, target_modules=["0", "2"],
+    return CompressionConfig(method=_method(method), budget=0.5, total_steps=STEPS, target_modules=["0", "2"],
                              method_options=OPTIONS[method])
 
 
@@ -147,7 +155,7 @@ def _joint(method, rank, world, ckpt=None, resume=False, wrap="ddp"):
     changed = _train(comp, opt, start, STEPS, rank, world, ckpt=None if resume else ckpt)
     before = _snapshot(comp, changed)
     out = {"train": before}
-    if method == "acip":  # another size from the same run (under FSDP: a plain copy, the model re-sharded)
+    if _method(method) == "acip":  # another size from the same run (under FSDP: a plain copy, the model re-sharded)
         small = comp.materialize(0.4)
         out["materialized"] = {"ranks": {n: small.get_submodule(n).rank for n in comp.targets}, "changed": changed,
                                "kept": None, "state": {k: v.detach().clone() for k, v in small.state_dict().items()}}
@@ -276,7 +284,7 @@ def test_distributed_run_equals_single_process_run(ranks_out, single_runs, metho
     _, results = ranks_out
     single = single_runs[method]
     run = method if wrap == "ddp" else f"fsdp_{method}"
-    for key in ("train", "materialized", "final") if method == "acip" else ("train", "final"):
+    for key in ("train", "materialized", "final") if _method(method) == "acip" else ("train", "final"):
         ref = single[key]
         for res in results:
             got = res[run][key]

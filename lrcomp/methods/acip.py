@@ -21,7 +21,17 @@ size from one run, putting reservoir directions back where the budget allows.
 
 Differences from the paper: the L1 weight is cost-aware (a direction of a wide layer costs
 more parameters), scores have their own learning rate (``score_lr``: the optimizer gets two
-parameter groups), and a materialised layer never passes break-even (it stays low-rank).
+parameter groups, the first marked ``SCORE_GROUP``), and a materialised layer never passes
+break-even (it stays low-rank).
+
+Dense warm-up (option ``warmup_frac``, default 0, not in the paper): the first
+``t_w = max(1, round(warmup_frac T))`` steps train the model dense (every target stays ``nn.Linear``,
+the score group is empty). After step ``t_w`` the fine-tuned weights are factored (with
+``basis="svd_llm"`` the Compressor calibrates the model as it is then), and in the optimizer each
+dense weight is replaced by its LoRA factors while the scores join the score group, with fresh state;
+the bias is the same Parameter, frozen from then on as in the paper. The penalty schedule and the
+pruning phase count from ``t_w``: ``lambda_t`` grows over ``prune_fraction (T - t_w)`` steps. A
+checkpoint saved after ``t_w`` rebuilds the layers through :meth:`ACIP.restore_structure`.
 """
 
 from __future__ import annotations
@@ -35,9 +45,11 @@ from torch import nn
 
 from lrcomp.compression.factorizations import factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
-from lrcomp.methods.base import JointMethod
+from lrcomp.methods.base import JointMethod, check_warmup_frac, swap_params_in_optimizer
 
 ACIP_BASES = ("svd", "svd_llm")
+#: key marking the scores' parameter group in an optimizer built from ``comp.parameters()``
+SCORE_GROUP = "lrcomp_acip_scores"
 
 
 @dataclasses.dataclass
@@ -56,6 +68,9 @@ class ACIPOptions:
     # input covariance, which needs calibration data: a pruned direction then costs its exact share of the
     # output error on that data instead of its share of ||W||).
     basis: str = "svd"
+    # Share of total_steps trained dense before the fine-tuned weights are factored (not in the paper, whose
+    # default 0 factors the pretrained weights at setup); the penalty schedule starts at the boundary.
+    warmup_frac: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("lambda_start", "lambda_end", "score_init", "score_lr", "lora_alpha", "revive_score"):
@@ -73,6 +88,7 @@ class ACIPOptions:
             raise ValueError(f"acip option lora_rank must be an int >= 0, got {self.lora_rank!r}")
         if self.basis not in ACIP_BASES:
             raise ValueError(f"acip option basis must be one of {ACIP_BASES}, got {self.basis!r}")
+        check_warmup_frac(self.warmup_frac, "acip")
 
 
 class ACIP(JointMethod):
@@ -84,13 +100,29 @@ class ACIP(JointMethod):
         if self.options.basis == "svd_llm":  # instance attribute: the Compressor reads it after __init__
             self.needed_stats = ("input_cov",)
 
+    def calibrates_at_setup(self) -> bool:
+        return self.boundary == 0
+
+    def runs_model_at(self, step: int) -> bool:
+        return not self.factored and step >= self.boundary
+
     def setup(self, stats) -> None:
-        opts = self.options
         self.origin: dict[str, torch.Tensor] = {}  # original direction index of every live direction
         self.reservoir: dict[str, dict[int, tuple]] = {}  # pruned directions: index -> (U col, S, V row)
         self.order: list[tuple[str, int, int, float]] = []  # (layer, index, step, score) in pruning order
         self.frozen = False
+        self.factored = False
         self._check_lora_fits()
+        costs = [self.model.get_submodule(n).in_features + self.model.get_submodule(n).out_features
+                 for n in self.comp.targets]
+        self.cost_weight = {n: c / (sum(costs) / len(costs)) for n, c in zip(self.comp.targets, costs, strict=True)}
+        if self.boundary == 0:
+            self.factor_layers(stats)
+
+    @torch.no_grad()
+    def factor_layers(self, stats) -> None:
+        """Replace every target by its masked factorisation (frozen ``U, S, V``, scores at ``score_init``, LoRA)."""
+        opts = self.options
         for name in self.comp.targets:
             linear = self.model.get_submodule(name)
             if opts.basis == "svd":
@@ -98,21 +130,48 @@ class ACIP(JointMethod):
             else:
                 layer = factorize(linear, None, method=opts.basis, stats=stats[name])
                 layer.mask_fn = "ste"
-            for p in (layer.U, layer.S, layer.V):
-                p.requires_grad_(False)
-            if layer.bias is not None:
-                layer.bias.requires_grad_(False)
-            with torch.no_grad():
-                layer.scores.fill_(opts.score_init)
-            if opts.lora_rank:
-                layer.add_lora(min(opts.lora_rank, layer.rank), opts.lora_alpha)
-            layer.train(linear.training)
-            self.model.set_submodule(name, layer)
-            self.origin[name] = torch.arange(layer.rank)
-            self.reservoir[name] = {}
-        costs = [self.model.get_submodule(n).in_features + self.model.get_submodule(n).out_features
-                 for n in self.comp.targets]
-        self.cost_weight = {n: c / (sum(costs) / len(costs)) for n, c in zip(self.comp.targets, costs, strict=True)}
+            layer.scores.fill_(opts.score_init)
+            self._install(name, linear, layer)
+        self.factored = True
+
+    def _install(self, name: str, linear: nn.Linear, layer: LowRankLinear) -> None:
+        """Put ``layer`` (its LoRA added here) in place of ``linear``: the same bias Parameter, frozen; in an
+        attached optimizer the dense weight is replaced by the LoRA factors and the scores join the score group."""
+        for p in (layer.U, layer.S, layer.V):
+            p.requires_grad_(False)
+        if linear.bias is not None:
+            layer.bias = linear.bias
+            layer.bias.requires_grad_(False)
+        if self.options.lora_rank:
+            layer.add_lora(min(self.options.lora_rank, layer.rank), self.options.lora_alpha)
+        optimizer = self.comp.optimizer
+        if optimizer is not None:
+            group = next((g for g in optimizer.param_groups if g.get(SCORE_GROUP)), None)
+            if group is None:
+                raise ValueError("the optimizer has no acip score group: build it from comp.parameters()")
+            swap_params_in_optimizer(optimizer, linear.weight,
+                                     [layer.lora_A, layer.lora_B] if layer.lora_A is not None else [])
+            group["params"].append(layer.scores)
+        self.model.set_submodule(name, layer.train(linear.training))
+        self.origin[name] = torch.arange(layer.rank)
+        self.reservoir[name] = {}
+        self.rebind_feature_taps()
+
+    def restore_structure(self, structure) -> None:
+        """Before a checkpoint saved after the warm-up is loaded: full-rank layers (the checkpoint's rank and
+        values are loaded next) put in place of the dense targets, the optimizer changed as at the boundary."""
+        if self.factored or not any(info["type"] == "lowrank" for info in structure.values()):
+            return
+        for name in self.comp.targets:
+            linear = self.model.get_submodule(name)
+            K, N = linear.in_features, linear.out_features
+            layer = LowRankLinear(K, N, min(K, N), bias=linear.bias is not None, mask_fn="ste",
+                                  device=linear.weight.device, dtype=linear.weight.dtype)
+            self._install(name, linear, layer)
+        self.factored = True
+
+    def _stats(self):
+        return self.comp.calibration_stats() if self.needed_stats else None
 
     def _check_lora_fits(self) -> None:
         """Raise before any layer is replaced when the LoRA compensation (counted in the budget) leaves no room
@@ -132,16 +191,22 @@ class ACIP(JointMethod):
         scores = [layer.scores for layer in self.lowrank_layers().values()]
         ids = {id(p) for p in scores}
         rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": scores, "lr": self.options.score_lr}, {"params": rest}]
+        # during a dense warm-up the score group is empty; the scores join it at the boundary
+        return [{"params": scores, "lr": self.options.score_lr, SCORE_GROUP: True}, {"params": rest}]
+
+    @property
+    def prune_end(self) -> float:
+        """The step at which the pruning phase ends: ``prune_fraction`` of the steps after the warm-up."""
+        return self.boundary + self.options.prune_fraction * (self.total_steps - self.boundary)
 
     def penalty_weight(self, step: int) -> float:
-        """``lambda_t``: geometric from lambda_start to lambda_end over the pruning phase."""
+        """``lambda_t``: geometric from lambda_start (at the warm-up's end) to lambda_end over the pruning phase."""
         opts = self.options
-        p = min(step / max(opts.prune_fraction * self.total_steps, 1e-9), 1.0)
+        p = min(max(step - self.boundary, 0) / max(self.prune_end - self.boundary, 1e-9), 1.0)
         return opts.lambda_start * (opts.lambda_end / opts.lambda_start) ** p
 
     def penalty(self):
-        if self.frozen:
+        if self.frozen or not self.factored:
             return None
         lam = self.penalty_weight(self.comp.step_count)
         terms = [self.cost_weight[n] * torch.relu(layer.scores).sum() for n, layer in self.lowrank_layers().items()]
@@ -149,6 +214,10 @@ class ACIP(JointMethod):
 
     @torch.no_grad()
     def on_step(self, step: int) -> None:
+        if not self.factored:
+            if step >= self.boundary:
+                self.factor_layers(self._stats())
+            return
         if self.frozen:
             return
         layers = self.lowrank_layers()
@@ -188,7 +257,7 @@ class ACIP(JointMethod):
             self.comp.compact()
         if self.comp.kept_cost() <= self.comp.config.budget * self.comp.total_cost:
             self._freeze()
-        elif step >= self.options.prune_fraction * self.total_steps:
+        elif step >= self.prune_end:
             self._apply(self.materialize_ranks(self.comp.config.budget, alive_only=True))  # the ranking cuts the rest
             self._freeze()
 
@@ -200,14 +269,15 @@ class ACIP(JointMethod):
 
     # ------------------------------------------------------------------ global ranking
     def ranking(self) -> list[tuple[str, int]]:
-        """Every direction (layer, original index), most important first: survivors by score, then the
-        pruned ones from the last pruned to the first."""
+        """Every direction (layer, original index), most important first: survivors by score (equal scores by
+        singular value), then the pruned ones from the last pruned to the first."""
         alive = []
         for name, layer in self.lowrank_layers().items():
-            scores = layer.scores.tolist()[:len(self.origin[name])]  # past them: LoRA folded in by finalize
-            alive += [(float(s), name, int(o)) for s, o in zip(scores, self.origin[name], strict=True)]
-        alive.sort(key=lambda t: -t[0])
-        return [(n, o) for _, n, o in alive] + [(n, o) for n, o, _, _ in reversed(self.order)]
+            live = len(self.origin[name])  # past them: LoRA folded in by finalize
+            scores, svals = layer.scores.tolist()[:live], layer.S.tolist()[:live]
+            alive += [(float(s), sv, name, int(o)) for s, sv, o in zip(scores, svals, self.origin[name], strict=True)]
+        alive.sort(key=lambda t: (-t[0], -t[1]))
+        return [(n, o) for _, _, n, o in alive] + [(n, o) for n, o, _, _ in reversed(self.order)]
 
     def materialize_ranks(self, budget: float, alive_only: bool = False) -> dict[str, list[int]]:
         """Original direction indices each layer keeps at ``budget``: the ranking's prefix that fits, exactly.
@@ -291,6 +361,9 @@ class ACIP(JointMethod):
         kept plus every pruned direction) put reservoir directions back. The training model is
         not changed.
         """
+        if not self.factored:
+            raise RuntimeError(f"acip has not factored the model yet: its dense warm-up runs until step "
+                               f"{self.boundary} (now {self.comp.step_count})")
         model = copy.deepcopy(self.model)
         self._apply(self.materialize_ranks(budget), model)
         for name in self.comp.targets:
@@ -298,6 +371,10 @@ class ACIP(JointMethod):
         return model
 
     def finalize(self) -> nn.Module:
+        """The compact model at the budget. Before the warm-up's end: the model is factored now and cut by
+        singular value (every score is still ``score_init``)."""
+        if not self.factored:
+            self.factor_layers(self._stats())
         if self.comp.kept_cost() > self.comp.config.budget * self.comp.total_cost:
             self._apply(self.materialize_ranks(self.comp.config.budget, alive_only=True))
         self._freeze()
@@ -308,7 +385,7 @@ class ACIP(JointMethod):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
-        state = {"frozen": self.frozen, "order": self.order,
+        state = {"factored": self.factored, "frozen": self.frozen, "order": self.order,
                  "reservoir_index": {n: sorted(r) for n, r in self.reservoir.items()},
                  "reservoir_S": {n: [r[o][1] for o in sorted(r)] for n, r in self.reservoir.items()}}
         for name, origin in self.origin.items():
@@ -320,6 +397,9 @@ class ACIP(JointMethod):
         return state
 
     def load_state_dict(self, state) -> None:
+        self.factored = bool(state.get("factored", True))
+        if not self.factored:
+            return
         self.frozen = bool(state["frozen"])
         self.order = [tuple(t) for t in state["order"]]
         for name in self.comp.targets:

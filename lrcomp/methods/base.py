@@ -53,6 +53,12 @@ def swap_params_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Pa
     raise ValueError("the optimizer does not hold the dense weight being factored: build it from comp.parameters()")
 
 
+def check_warmup_frac(value, method: str) -> None:
+    """Validate a ``warmup_frac`` option: a share of ``total_steps`` in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{method} option warmup_frac must be in [0, 1), got {value!r}")
+
+
 @dataclasses.dataclass
 class NoOptions:
     pass
@@ -95,6 +101,13 @@ class JointMethod:
         tap = getattr(self.comp, "_student_tap", None)
         if tap is not None:
             tap.bind(self.model, self.comp.targets)
+
+    @property
+    def boundary(self) -> int:
+        """The step after which the layers are factored (0: at setup). Methods with a ``warmup_frac`` option
+        train dense for the first ``max(1, round(warmup_frac * total_steps))`` steps."""
+        frac = getattr(self.options, "warmup_frac", 0.0)
+        return 0 if frac == 0 else max(1, round(frac * self.total_steps))
 
     def calibrates_at_setup(self) -> bool:
         """Whether :meth:`setup` gets the statistics of ``needed_stats`` (False: the method calibrates later,

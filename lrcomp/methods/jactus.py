@@ -61,7 +61,7 @@ from lrcomp.compression.cost import resolve_cost_table
 from lrcomp.compression.factorizations import factorize
 from lrcomp.compression.oneshot import _uniform_ranks
 from lrcomp.layers.lowrank_linear import LowRankLinear
-from lrcomp.methods.base import JointMethod, swap_params_in_optimizer
+from lrcomp.methods.base import JointMethod, check_warmup_frac, swap_params_in_optimizer
 from lrcomp.ops import lowrank_linear
 
 
@@ -100,9 +100,7 @@ class JACTUSOptions:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0:
                 raise ValueError(f"jactus option {name} must be a positive number, got {value!r}")
-        wf = self.warmup_frac
-        if isinstance(wf, bool) or not isinstance(wf, (int, float)) or not 0 <= wf < 1:
-            raise ValueError(f"jactus option warmup_frac must be in [0, 1), got {wf!r}")
+        check_warmup_frac(self.warmup_frac, "jactus")
         for name in ("train_bias", "train_bases"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"jactus option {name} must be a bool, got {getattr(self, name)!r}")
@@ -177,12 +175,6 @@ class JACTUS(JointMethod):
     name = "jactus"
     Options = JACTUSOptions
     needed_stats = ("input_cov", "grad_cov")
-
-    @property
-    def boundary(self) -> int:
-        """The step after which the layers are calibrated and factored (0: at setup)."""
-        frac = self.options.warmup_frac
-        return 0 if frac == 0 else max(1, round(frac * self.total_steps))
 
     def calibrates_at_setup(self) -> bool:
         return self.boundary == 0

@@ -10,7 +10,7 @@ from toy import pretrained_mlp, task, train
 import lrcomp
 from lrcomp import CompressionConfig, Compressor
 from lrcomp.layers import LowRankLinear
-from lrcomp.methods.acip import ACIPOptions
+from lrcomp.methods.acip import SCORE_GROUP, ACIPOptions
 
 
 def _accuracy(model, X, y):
@@ -224,3 +224,124 @@ def test_lora_that_leaves_no_room_is_refused_before_any_change():
         Compressor(model, _config(0.5, method_options={"lora_rank": 64}))
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------- dense warm-up
+def _warm(budget=0.5, steps=40, frac=0.5, **kw):
+    return _config(budget, steps, method_options={"warmup_frac": frac, **kw.pop("method_options", {})}, **kw)
+
+
+def test_acip_warmup_trains_dense_then_factors_the_trained_weights():
+    model = pretrained_mlp(steps=150)
+    comp, opt = _run(model, _warm(steps=40, frac=0.25), 0)  # boundary: step 10
+    assert comp.method.boundary == 10 and not comp.method.factored
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in ("0", "2"))
+    assert opt.param_groups[0]["params"] == [] and opt.param_groups[0][SCORE_GROUP]
+    pretrained = {n: model.get_submodule(n).weight.detach().clone() for n in ("0", "2")}
+    biases = {n: model.get_submodule(n).bias for n in ("0", "2")}
+    dense = {}
+    factor = comp.method.factor_layers
+
+    def recording(stats):  # the weights the boundary factors
+        dense.update({n: model.get_submodule(n).weight.detach().clone() for n in ("0", "2")})
+        factor(stats)
+
+    comp.method.factor_layers = recording
+
+    def check(step):
+        if step < 10:
+            assert comp.method.penalty() is None and not comp.method.lowrank_layers() and not dense
+        if step == 10:
+            layers = comp.method.lowrank_layers()
+            assert comp.method.factored and set(layers) == {"0", "2"}
+            for n, layer in layers.items():
+                assert (dense[n] - pretrained[n]).abs().max() > 1e-3  # the warm-up trained the dense weights
+                torch.testing.assert_close(layer.U @ torch.diag(layer.S) @ layer.V, dense[n], rtol=1e-4, atol=1e-5)
+                assert layer.bias is biases[n] and not layer.bias.requires_grad  # same Parameter, frozen
+                assert torch.equal(layer.scores, torch.ones_like(layer.scores))
+            assert opt.param_groups[0]["params"] == [layers[n].scores for n in ("0", "2")]
+            trainable = {id(p) for p in model.parameters() if p.requires_grad}
+            assert {id(p) for g in opt.param_groups for p in g["params"]} - {id(b) for b in biases.values()} \
+                == trainable
+            # the penalty schedule starts at the boundary
+            assert comp.method.penalty_weight(10) == comp.method.options.lambda_start
+            assert comp.method.prune_end == 10 + 0.6 * 30
+
+    train(comp, opt, 40, after_step=check)
+    assert comp.method.lowrank_layers()
+    comp.finalize()
+    assert comp.kept_cost() <= 0.5 * comp.total_cost
+
+
+def test_acip_warmup_learns_ends_within_budget_and_gives_the_curve():
+    X, y = task()
+    model = pretrained_mlp(steps=150)
+    comp, _ = _run(model, _warm(0.3, steps=150, frac=0.3), 150)
+    assert comp.method.order and min(step for *_, step, _ in comp.method.order) > 45  # pruning after the warm-up
+    final = comp.finalize()
+    assert comp.kept_cost() <= 0.3 * comp.total_cost
+    assert _accuracy(final, X, y) > 0.8
+    curve = [_accuracy(comp.method.materialize(b), X, y) for b in (0.3, 0.8)]
+    assert curve[1] >= curve[0]
+
+
+def test_acip_warmup_finalize_before_the_boundary_factors_and_cuts_by_singular_value():
+    model = pretrained_mlp(steps=150)
+    comp, _ = _run(model, _warm(steps=40, frac=0.5), 5)
+    with pytest.raises(RuntimeError, match="warm-up runs until step 20"):
+        comp.materialize(0.5)
+    final = comp.finalize()
+    assert comp.method.factored and comp.kept_cost() <= 0.5 * comp.total_cost
+    for n in ("0", "2"):
+        layer = final.get_submodule(n)
+        assert type(layer) is LowRankLinear and layer.lora_A is None
+    # equal scores: the ranking falls back to the singular values, so each layer keeps its top directions
+    method = comp.method
+    for n in ("0", "2"):
+        assert sorted(method.origin[n].tolist()) == list(range(len(method.origin[n])))
+    live = [(n, o) for n, o in method.ranking() if o in method.origin[n].tolist()]
+    svals = [float(final.get_submodule(n).S.detach()[method.origin[n].tolist().index(o)]) for n, o in live]
+    assert svals == sorted(svals, reverse=True)
+
+
+def test_acip_warmup_needs_the_score_group_in_the_optimizer():
+    model = pretrained_mlp(steps=150)
+    comp = Compressor(model, _warm(steps=20, frac=0.5))
+    opt = torch.optim.AdamW([p for g in comp.parameters() for p in g["params"]], lr=1e-3)
+    comp.attach(opt)
+    with pytest.raises(ValueError, match="no acip score group"):
+        train(comp, opt, 10)
+
+
+# cut before, at and after the boundary (step 6 of 20); svd_llm calibrates at the boundary
+@pytest.mark.parametrize("cut,basis", [(3, "svd"), (6, "svd"), (14, "svd"), (14, "svd_llm")])
+def test_acip_warmup_resume_equals_uninterrupted(tmp_path, cut, basis):
+    steps = 20
+    X, y = task(seed=5)
+    calib = [X[i:i + 128] for i in range(0, 512, 128)] if basis == "svd_llm" else None
+    config = _warm(steps=steps, frac=0.3, distill_weight=0.5, feature_weight=0.5,
+                   method_options={"basis": basis, "lambda_start": 1e-2, "lambda_end": 50.0})
+    ref = pretrained_mlp(steps=150)
+    comp_a, opt_a = _run(ref, config, steps, comp=Compressor(ref, config, calib_data=calib))
+    assert comp_a.method.order  # the run pruned after the boundary
+
+    model_b = pretrained_mlp(steps=150)
+    comp_b, _ = _run(model_b, config, cut, comp=Compressor(model_b, config, calib_data=calib))
+    comp_b.save_checkpoint(tmp_path / "ckpt.safetensors")
+
+    fresh = pretrained_mlp(steps=150)
+    comp_c = Compressor(fresh, config, calib_data=calib)
+    opt_c = torch.optim.AdamW(comp_c.parameters(), lr=1e-3)
+    comp_c.attach(opt_c)
+    comp_c.load_checkpoint(tmp_path / "ckpt.safetensors")
+    assert comp_c.step_count == cut and comp_c.method.factored == (cut >= 6)
+    _run(fresh, None, steps, comp=comp_c, opt=opt_c, start=cut)
+    assert comp_c.method.order == comp_a.method.order
+    for (n1, p1), (n2, p2) in zip(ref.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert n1 == n2 and p1.shape == p2.shape and torch.equal(p1, p2), n1
+
+
+def test_acip_warmup_option_is_validated():
+    for bad in (-0.1, 1.0, True, "half"):
+        with pytest.raises(ValueError, match="warmup_frac"):
+            ACIPOptions(warmup_frac=bad)
