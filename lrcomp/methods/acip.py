@@ -103,12 +103,6 @@ class ACIP(JointMethod):
         if self.options.basis == "svd_llm":  # instance attribute: the Compressor reads it after __init__
             self.needed_stats = ("input_cov",)
 
-    def calibrates_at_setup(self) -> bool:
-        return self.boundary == 0
-
-    def runs_model_at(self, step: int) -> bool:
-        return not self.factored and step >= self.boundary
-
     def setup(self, stats) -> None:
         self.origin: dict[str, torch.Tensor] = {}  # original direction index of every live direction
         self.reservoir: dict[str, dict[int, tuple]] = {}  # pruned directions: index -> (U col, S, V row)

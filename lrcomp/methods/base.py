@@ -74,6 +74,8 @@ class JointMethod:
     #: default weights of the logit-KL and feature distillation terms (config values override).
     default_distill_weight: ClassVar[float] = 0.0
     default_feature_weight: ClassVar[float] = 0.0
+    #: False while a dense warm-up runs (the targets are still nn.Linear); methods with one set it in setup.
+    factored: bool = True
 
     def __init__(self, compressor: Compressor) -> None:
         self.comp = compressor
@@ -111,13 +113,14 @@ class JointMethod:
 
     def calibrates_at_setup(self) -> bool:
         """Whether :meth:`setup` gets the statistics of ``needed_stats`` (False: the method calibrates later,
-        through ``comp.calibration_stats()``, from :meth:`on_step` or :meth:`finalize`)."""
-        return True
+        through ``comp.calibration_stats()``, from :meth:`on_step` or :meth:`finalize`; by default when a
+        dense warm-up runs first)."""
+        return self.boundary == 0
 
     def runs_model_at(self, step: int) -> bool:
         """Whether :meth:`on_step` ``(step)`` runs the model (a mid-run calibration): under FSDP the Compressor
         then hands it the plain, unsharded model."""
-        return False
+        return not self.factored and step >= self.boundary  # the step that factors after a warm-up
 
     # --------------------------------------------------------------- hooks
     def setup(self, stats) -> None:

@@ -176,12 +176,6 @@ class JACTUS(JointMethod):
     Options = JACTUSOptions
     needed_stats = ("input_cov", "grad_cov")
 
-    def calibrates_at_setup(self) -> bool:
-        return self.boundary == 0
-
-    def runs_model_at(self, step: int) -> bool:
-        return not self.factored and step >= self.boundary
-
     def setup(self, stats) -> None:
         self.factored = False
         self.ranks: dict[str, int] = {}
