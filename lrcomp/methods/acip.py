@@ -13,7 +13,9 @@ direction whose score reaches 0 is pruned for good: its factors move to a CPU re
 layer is compacted physically and the optimizer state sliced, so steps get cheaper. When the
 targeted layers are at or under the budget the scores freeze and the rest of the run
 fine-tunes the (optional) LoRA compensation and the non-target parameters with the masks
-fixed. If the budget is not met when the pruning phase ends, the global ranking cuts it.
+fixed. If the budget is not met when the pruning phase ends, the global ranking cuts it. With the
+option ``curve_budgets`` (not in the paper) that frozen phase trains at several sizes in turn
+(:mod:`lrcomp.methods.acip_curve`).
 
 The order in which directions were pruned (earliest = least important; the survivors ranked
 by their final score) is a global ranking, so :meth:`ACIP.materialize` builds a model of any
@@ -45,6 +47,7 @@ from torch import nn
 
 from lrcomp.compression.factorizations import factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
+from lrcomp.methods.acip_curve import CurveBranch
 from lrcomp.methods.base import JointMethod, check_warmup_frac, swap_params_in_optimizer
 
 ACIP_BASES = ("svd", "svd_llm")
@@ -74,6 +77,9 @@ class ACIPOptions:
     # Share of total_steps trained dense before the fine-tuned weights are factored (not in the paper, whose
     # default 0 factors the pretrained weights at setup); the penalty schedule starts at the boundary.
     warmup_frac: float = 0.0
+    # Budgets above `budget` that the frozen phase also trains at, in turn with `budget` (not in the paper; see
+    # lrcomp.methods.acip_curve): for a run whose materialize() serves several sizes. () = the paper.
+    curve_budgets: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("lambda_start", "lambda_end", "score_init", "score_lr", "lora_alpha", "revive_score"):
@@ -92,6 +98,11 @@ class ACIPOptions:
         if self.basis not in ACIP_BASES:
             raise ValueError(f"acip option basis must be one of {ACIP_BASES}, got {self.basis!r}")
         check_warmup_frac(self.warmup_frac, "acip")
+        budgets = self.curve_budgets
+        if not isinstance(budgets, (list, tuple)) or any(
+                isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1 for b in budgets):
+            raise ValueError(f"acip option curve_budgets must be a list of budgets in (0, 1], got {budgets!r}")
+        self.curve_budgets = tuple(sorted({float(b) for b in budgets}, reverse=True))
 
 
 class ACIP(JointMethod):
@@ -102,6 +113,11 @@ class ACIP(JointMethod):
         super().__init__(compressor)
         if self.options.basis == "svd_llm":  # instance attribute: the Compressor reads it after __init__
             self.needed_stats = ("input_cov",)
+        budget = compressor.config.budget
+        if any(b <= budget for b in self.options.curve_budgets):
+            raise ValueError(f"acip option curve_budgets must all be above the run's budget ({budget:g}), got "
+                             f"{list(self.options.curve_budgets)}")
+        self.curve: CurveBranch | None = None  # the frozen phase's branch (curve_budgets), built by _freeze
 
     def setup(self, stats) -> None:
         self.origin: dict[str, torch.Tensor] = {}  # original direction index of every live direction
@@ -263,6 +279,15 @@ class ACIP(JointMethod):
         for layer in self.lowrank_layers().values():
             layer.scores.requires_grad_(False)
             layer.scores.grad = None
+        self._build_curve()
+
+    def _build_curve(self) -> None:
+        """With ``curve_budgets``: the branch of the frozen phase, from the ranking and reservoir as they are now."""
+        if self.curve is not None:
+            self.curve.remove()
+            self.curve = None
+        if self.options.curve_budgets and self.frozen:
+            self.curve = CurveBranch(self)
 
     # ------------------------------------------------------------------ global ranking
     def ranking(self) -> list[tuple[str, int]]:
@@ -362,6 +387,8 @@ class ACIP(JointMethod):
             raise RuntimeError(f"acip has not factored the model yet: its dense warm-up runs until step "
                                f"{self.boundary} (now {self.comp.step_count})")
         model = copy.deepcopy(self.model)
+        if self.curve is not None:
+            self.curve.strip(model)
         self._apply(self.materialize_ranks(budget), model)
         for name in self.comp.targets:
             model.get_submodule(name).merge_lora_()
@@ -375,6 +402,9 @@ class ACIP(JointMethod):
         if self.comp.kept_cost() > self.comp.config.budget * self.comp.total_cost:
             self._apply(self.materialize_ranks(self.comp.config.budget, alive_only=True))
         self._freeze()
+        if self.curve is not None:  # the final model is the one at the budget
+            self.curve.remove()
+            self.curve = None
         self.comp.compact()
         for name in self.comp.targets:  # the LoRA compensation becomes q more directions (same cost)
             self.model.get_submodule(name).merge_lora_()
@@ -396,6 +426,8 @@ class ACIP(JointMethod):
     def load_state_dict(self, state) -> None:
         self.factored = bool(state.get("factored", True))
         if not self.factored:
+            self.frozen = False
+            self._build_curve()  # removes a branch of the run this one continued from
             return
         self.frozen = bool(state["frozen"])
         self.order = [tuple(t) for t in state["order"]]
@@ -410,3 +442,4 @@ class ACIP(JointMethod):
         if self.frozen:
             for layer in self.lowrank_layers().values():
                 layer.scores.requires_grad_(False)
+        self._build_curve()
