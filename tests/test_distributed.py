@@ -50,16 +50,18 @@ from lrcomp.layers import LowRankLinear  # noqa: E402
 WORLD = 2
 STEPS = 24
 # root only (ACIP's penalty, PC-LoRA) / the targeted layers as groups
-FSDP_UNITS = {"acip": None, "acip_warmup": None, "lpaf": ["0", "2"], "pc_lora": None, "jactus": ["0", "2"]}
+FSDP_UNITS = {"acip": None, "acip_warmup": None, "acip_curve": None, "lpaf": ["0", "2"], "pc_lora": None, "jactus": ["0", "2"]}
 # LPAF's and JACTUS's boundary is step 12: the resumed run factors its layers; ACIP has pruned already, and ACIP
 # with a warm-up factored its layers at step 6
 CKPT_AT = 9
 STATS = ("input_cov", "grad_cov", "input_abs_mean", "fisher")
-ATOL = {"acip": 1e-12, "acip_warmup": 1e-12, "lpaf": 1e-6, "pc_lora": 1e-12, "jactus": 1e-12}
+ATOL = {"acip": 1e-12, "acip_warmup": 1e-12, "acip_curve": 1e-12, "lpaf": 1e-6, "pc_lora": 1e-12, "jactus": 1e-12}
 # each case: a method and its options (the key is the method unless named "<method>_<variant>")
 OPTIONS = {
     "acip": {"lora_rank": 2, "score_init": 0.3, "score_lr": 0.05, "prune_fraction": 0.5},
     "acip_warmup": {"lora_rank": 2, "score_init": 0.3, "score_lr": 0.05, "prune_fraction": 0.5, "warmup_frac": 0.25},
+    # frozen from step 12 (budget 0.5): the steps after it train at 0.5 and 0.8 in turn (a forward-hook branch)
+    "acip_curve": {"lora_rank": 2, "score_init": 0.3, "score_lr": 0.05, "prune_fraction": 0.5, "curve_budgets": [0.8]},
     "lpaf": {"prune_frac": 0.5},
     "pc_lora": {"init": "svd"},  # deterministic factors; the decay ends at step 12 (the dense branch is dropped)
     "jactus": {"warmup_frac": 0.5},  # dense to step 12, then calibrated (a collective) on the trained model
