@@ -31,31 +31,52 @@ def _hooks(model):
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
-def test_curve_trains_every_budget_as_materialize_builds_it():
-    X, _ = task()
-    comp, _ = _run(_config(), 60)
-    method = comp.method
-    assert method.frozen and method.curve is not None and method.curve.cycle == (0.3, 0.8, 0.5)
-    model, done = comp.model, comp.step_count
-    sizes = []
+def _check_rows(comp, X):
+    """Each training step computes materialize(b) of its budget; eval mode computes what finalize returns.
+    Returns the parameter count of materialize(b) per row."""
+    method, model, done = comp.method, comp.model, comp.step_count
+    sizes, evaluated = [], []
     try:
         for row, budget in enumerate(method.curve.cycle):
             comp.step_count = row  # the training step that trains at this budget
             with torch.no_grad():
                 trained = model.train()(X)
-                evaluated = model.eval()(X)
+                evaluated.append(model.eval()(X))
             built = method.materialize(budget)
             assert _hooks(built) == 0  # the copy carries no branch
             sizes.append(sum(p.numel() for p in built.parameters()))
             with torch.no_grad():
                 torch.testing.assert_close(trained, built.eval()(X), rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(evaluated, method.materialize(0.3).eval()(X), rtol=1e-5, atol=1e-5)
     finally:
         comp.step_count = done
-    assert sizes[1] > sizes[2] > sizes[0]  # the branch really holds directions for the larger budgets
     assert _hooks(model) == 2
     final = comp.finalize()
-    assert _hooks(final) == 0 and comp.kept_cost() <= 0.3 * comp.total_cost
+    assert _hooks(final) == 0
+    with torch.no_grad():
+        for out in evaluated:
+            torch.testing.assert_close(out, final.eval()(X), rtol=1e-5, atol=1e-5)
+    return sizes
+
+
+def test_curve_trains_every_budget_as_materialize_builds_it():
+    X, _ = task()
+    comp, _ = _run(_config(), 60)
+    assert comp.method.frozen and comp.method.curve is not None and comp.method.curve.cycle == (0.3, 0.8, 0.5)
+    sizes = _check_rows(comp, X)
+    assert sizes[1] > sizes[2] > sizes[0]  # the branch really holds directions for the larger budgets
+    assert comp.kept_cost() <= 0.3 * comp.total_cost
+
+
+def test_curve_subtracts_live_directions_that_materialize_leaves_out():
+    X, _ = task()
+    config = _config(budget=0.8, curve=[0.9], method_options={"score_init": 0.3})
+    comp = Compressor(pretrained_mlp(steps=150), config)
+    comp.method.lowrank_layers()["0"].scores.data.fill_(100.0)  # layer 0 keeps every direction: past break-even
+    comp, _ = _run(config, 60, comp=comp)
+    method = comp.method
+    assert len(method.origin["0"]) == 32
+    assert all(len(method.materialize_ranks(b)["0"]) < 32 for b in (0.8, 0.9))  # materialize stays under it
+    _check_rows(comp, X)
 
 
 def test_curve_steps_train_the_lora_through_the_branch():
