@@ -8,8 +8,8 @@ the test set is not looked at. Each
 (method, budget) keeps its best candidate (ties: the smaller lr). With ``--extend-edges N``, a cell whose
 best lr is the largest (smallest) of the grid gets one more lr above (below) it, up to N rounds. The
 baselines are tuned the same way as the joint methods. ACIP's one run (trained to the smallest budget,
-every budget materialised from it) takes ACIP's choice at the smallest budget; ``acip_per_budget``
-takes ACIP's choice at each.
+every budget materialised from it) takes ACIP's choice at the smallest budget, and also trains at the
+larger ones (``bench_quality.one_run_options``); ``acip_per_budget`` takes ACIP's choice at each.
 Phase B (evaluation): each (method, budget, seed) runs with its chosen candidate on the test set;
 exactly those runs are merged into one results file and plot (``bench_quality.py --merge``).
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
-from bench_quality import ALIASES, DEFAULT_METHOD_OPTIONS, ONE_RUN_ALL_BUDGETS  # noqa: E402
+from bench_quality import ALIASES, DEFAULT_METHOD_OPTIONS, ONE_RUN_ALL_BUDGETS, one_run_options  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE / "bench_quality.py"
@@ -311,8 +311,11 @@ def main(argv=None) -> int:
         return 0
 
     # Phase B: the grid on the test set
+    def grid_options(m, c, bs):  # what the bench runs: a one-run method's options depend on its budgets
+        return one_run_options(m, c["options"], bs)
+
     def grid_keys(m, seed, c, bs):
-        return [run_key(m, b, c["lr"], c["options"], seed, "test", shape) for b in bs]
+        return [run_key(m, b, c["lr"], grid_options(m, c, bs), seed, "test", shape) for b in bs]
 
     done = known_runs()
     jobs = []
@@ -321,7 +324,7 @@ def main(argv=None) -> int:
             continue
         name = f"{m}_s{seed}_lr{c['lr']:g}_{len(jobs)}"
         argv_g = [*base, "--methods", m, "--seeds", str(seed), "--budgets", *(str(b or 0.5) for b in bs),
-                  "--method-lr", f"{m}={c['lr']}", "--method-options", f"{m}={json.dumps(c['options'])}",
+                  "--method-lr", f"{m}={c['lr']}", "--method-options", f"{m}={json.dumps(grid_options(m, c, bs))}",
                   "--runs-jsonl", str(grid_dir / f"{name}.jsonl"), "--out", str(grid_dir / f"{name}.json")]
         jobs.append((name, argv_g))
     print(f"phase B: {len(plan)} runs planned, {len(plan) - len(jobs)} already run, {len(jobs)} to run, "

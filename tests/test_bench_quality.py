@@ -1,4 +1,4 @@
-"""benchmarks/bench_quality.py's aggregation: the per-seed comparison with the best sequential baseline."""
+"""benchmarks/bench_quality.py: the per-seed comparison with the best sequential baseline, the one run's options."""
 
 from __future__ import annotations
 
@@ -42,3 +42,11 @@ def test_table_cell_signs_the_difference_but_not_its_std():
     row = {"vs_seq_mean": -0.0123, "vs_seq_std": 0.004}
     assert make_tables._value(row, ("vs_seq_mean", "vs_seq_std"), "+.3f") == "-0.012 ± 0.004"
     assert make_tables._value({"vs_seq_mean": None}, ("vs_seq_mean", "vs_seq_std"), "+.3f") == "–"
+
+
+def test_acips_one_run_trains_at_every_budget_it_materialises_unless_told():
+    options = bench_quality.one_run_options
+    assert options("acip", {"basis": "svd_llm"}, [0.3, 0.8, 0.5]) == {"basis": "svd_llm", "curve_budgets": [0.8, 0.5]}
+    assert options("acip", {"curve_budgets": []}, [0.8, 0.3]) == {"curve_budgets": []}  # explicitly off
+    assert options("acip", {}, [0.5]) == {} and options("acip", {}, None) == {}
+    assert options("acip_per_budget", {}, [0.8, 0.3]) == {}

@@ -50,7 +50,8 @@ from lrcomp.layers import LowRankLinear  # noqa: E402
 WORLD = 2
 STEPS = 24
 # root only (ACIP's penalty, PC-LoRA) / the targeted layers as groups
-FSDP_UNITS = {"acip": None, "acip_warmup": None, "acip_curve": None, "lpaf": ["0", "2"], "pc_lora": None, "jactus": ["0", "2"]}
+FSDP_UNITS = {"acip": None, "acip_warmup": None, "acip_curve": None, "lpaf": ["0", "2"], "pc_lora": None,
+              "jactus": ["0", "2"]}
 # LPAF's and JACTUS's boundary is step 12: the resumed run factors its layers; ACIP has pruned already, and ACIP
 # with a warm-up factored its layers at step 6
 CKPT_AT = 9

@@ -41,7 +41,7 @@ FAKE_BENCH = textwrap.dedent('''
     budgets = [float(b) for b in a.budgets]
     with open(log, "a") as f:
         f.write(json.dumps({"method": method, "budgets": budgets, "seeds": a.seeds, "split": a.eval_split or "test",
-                            "lr": lr}) + "\\n")
+                            "lr": lr, "options": options}) + "\\n")
     base = "acip" if method == "acip_per_budget" else method
     for seed in map(int, a.seeds):
         for b in ([None] if method == "dense" else budgets):
@@ -92,6 +92,9 @@ def test_selection_per_budget_one_acip_run_and_exactly_the_chosen_runs_merged(tm
     test = [c for c in calls if c["split"] == "test"]
     acip_runs = [c for c in test if c["method"] == "acip"]
     assert len(acip_runs) == 2 and all(c["budgets"] == [0.8, 0.3] and c["lr"] == 1e-4 for c in acip_runs)
+    # the one run also trains at the larger budget it materialises; selection and per-budget runs do not
+    assert all(c["options"]["curve_budgets"] == [0.8] for c in acip_runs)
+    assert not any("curve_budgets" in c["options"] for c in calls if c not in acip_runs)
     per_budget = sorted((c["budgets"][0], c["lr"]) for c in test if c["method"] == "acip_per_budget")
     assert per_budget == [(0.3, 1e-4), (0.3, 1e-4), (0.8, 5e-4), (0.8, 5e-4)]
     merged = json.loads((tmp_path / "q.json").read_text())["rows"]
