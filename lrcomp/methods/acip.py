@@ -274,19 +274,20 @@ class ACIP(JointMethod):
             self._apply(self.materialize_ranks(self.comp.config.budget, alive_only=True))  # the ranking cuts the rest
             self._freeze()
 
-    def _freeze(self) -> None:
+    def _freeze(self, curve: bool = True) -> None:
         self.frozen = True
         for layer in self.lowrank_layers().values():
             layer.scores.requires_grad_(False)
             layer.scores.grad = None
-        self._build_curve()
+        self._build_curve(curve)
 
-    def _build_curve(self) -> None:
-        """With ``curve_budgets``: the branch of the frozen phase, from the ranking and reservoir as they are now."""
+    def _build_curve(self, build: bool = True) -> None:
+        """With ``curve_budgets``, once frozen: the branch of the frozen phase, (re)built from the ranking and
+        reservoir as they are now. ``build=False``: only remove the branch there is."""
         if self.curve is not None:
             self.curve.remove()
             self.curve = None
-        if self.options.curve_budgets and self.frozen:
+        if build and self.options.curve_budgets and self.frozen:
             self.curve = CurveBranch(self)
 
     # ------------------------------------------------------------------ global ranking
@@ -401,10 +402,7 @@ class ACIP(JointMethod):
             self.factor_layers(self._stats())
         if self.comp.kept_cost() > self.comp.config.budget * self.comp.total_cost:
             self._apply(self.materialize_ranks(self.comp.config.budget, alive_only=True))
-        self._freeze()
-        if self.curve is not None:  # the final model is the one at the budget
-            self.curve.remove()
-            self.curve = None
+        self._freeze(curve=False)  # the final model is the one at the budget: no branch
         self.comp.compact()
         for name in self.comp.targets:  # the LoRA compensation becomes q more directions (same cost)
             self.model.get_submodule(name).merge_lora_()
@@ -426,8 +424,7 @@ class ACIP(JointMethod):
     def load_state_dict(self, state) -> None:
         self.factored = bool(state.get("factored", True))
         if not self.factored:
-            self.frozen = False
-            self._build_curve()  # removes a branch of the run this one continued from
+            self._build_curve(build=False)  # a branch of the run this one continued from
             return
         self.frozen = bool(state["frozen"])
         self.order = [tuple(t) for t in state["order"]]
