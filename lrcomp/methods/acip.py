@@ -24,7 +24,9 @@ size from one run, putting reservoir directions back where the budget allows.
 Differences from the paper: the L1 weight is cost-aware (a direction of a wide layer costs
 more parameters), scores have their own learning rate (``score_lr``: the optimizer gets two
 parameter groups, the first marked ``SCORE_GROUP``), and a materialised layer never passes
-break-even (it stays low-rank).
+break-even (it stays low-rank). The training model can pass it (the penalty prunes towards the total
+budget, not per layer): :meth:`Compressor.finalize` then makes that layer an ``nn.Linear``, the same
+function for fewer weights, and a later ``materialize`` keeps it so.
 
 Dense warm-up (option ``warmup_frac``, default 0, not in the paper): the first
 ``t_w = max(1, round(warmup_frac T))`` steps train the model dense (every target stays ``nn.Linear``,
@@ -300,7 +302,9 @@ class ACIP(JointMethod):
             scores, svals = layer.scores.tolist()[:live], layer.S.tolist()[:live]
             alive += [(float(s), sv, name, int(o)) for s, sv, o in zip(scores, svals, self.origin[name], strict=True)]
         alive.sort(key=lambda t: (-t[0], -t[1]))
-        return [(n, o) for _, _, n, o in alive] + [(n, o) for n, o, _, _ in reversed(self.order)]
+        # a target Compressor.finalize made dense (past break-even) has no directions left to rank
+        layers = self.lowrank_layers()
+        return [(n, o) for _, _, n, o in alive] + [(n, o) for n, o, _, _ in reversed(self.order) if n in layers]
 
     def materialize_ranks(self, budget: float, alive_only: bool = False) -> dict[str, list[int]]:
         """Original direction indices each layer keeps at ``budget``: the ranking's prefix that fits, exactly.
@@ -390,8 +394,9 @@ class ACIP(JointMethod):
         model = copy.deepcopy(self.model)
         if self.curve is not None:
             self.curve.strip(model)
-        self._apply(self.materialize_ranks(budget), model)
-        for name in self.comp.targets:
+        chosen = self.materialize_ranks(budget)
+        self._apply(chosen, model)
+        for name in chosen:
             model.get_submodule(name).merge_lora_()
         return model
 
@@ -404,8 +409,8 @@ class ACIP(JointMethod):
             self._apply(self.materialize_ranks(self.comp.config.budget, alive_only=True))
         self._freeze(curve=False)  # the final model is the one at the budget: no branch
         self.comp.compact()
-        for name in self.comp.targets:  # the LoRA compensation becomes q more directions (same cost)
-            self.model.get_submodule(name).merge_lora_()
+        for layer in self.lowrank_layers().values():  # the LoRA compensation becomes q more directions (same cost)
+            layer.merge_lora_()
         return self.model
 
     # ------------------------------------------------------------------ checkpoints

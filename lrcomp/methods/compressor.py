@@ -463,7 +463,8 @@ class Compressor:
         return self.kept_cost() / self.total_cost
 
     def finalize(self) -> nn.Module:
-        """End the run: the compact model at the budget (no dense branch, nothing pruned left in memory).
+        """End the run: the compact model at the budget (no dense branch, nothing pruned left in memory; a
+        target whose factors would cost as much as its dense weight ends as an ``nn.Linear``).
 
         Under :meth:`wrap_fsdp` the model ends plain and full on every rank (FSDP removed), the attached
         optimizer with it (full state).
@@ -474,10 +475,24 @@ class Compressor:
         for tap in (self._student_tap, self._teacher_tap):
             if tap is not None:
                 tap.remove()
+        self.densify_past_break_even()
         if self.kept_cost() > self.config.budget * self.total_cost:
             raise RuntimeError(f"method {self.config.method!r} ended over budget: kept {self.kept_fraction():.4f} "
                                f"> {self.config.budget:g}")
         return model
+
+    @torch.no_grad()
+    def densify_past_break_even(self) -> list[str]:
+        """Put an ``nn.Linear`` (:meth:`LowRankLinear.to_linear`, the same function) in place of every low-rank
+        target at or past break-even (``weight_cost >= K N``): there the factors cost at least as many weights
+        and FLOPs as the dense matrix. A method's training model can end so (ACIP prunes to the total budget,
+        not per layer). Returns the names replaced."""
+        names = []
+        for name, layer in self.method.lowrank_layers().items():
+            if weight_cost(layer) >= layer.in_features * layer.out_features:
+                self.model.set_submodule(name, layer.to_linear().train(layer.training))
+                names.append(name)
+        return names
 
     def materialize(self, budget: float) -> nn.Module:
         """A compact copy of the model at any ``budget`` from this one run (ACIP's global ranking).

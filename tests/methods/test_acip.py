@@ -11,6 +11,7 @@ import lrcomp
 from lrcomp import CompressionConfig, Compressor
 from lrcomp.layers import LowRankLinear
 from lrcomp.methods.acip import SCORE_GROUP, ACIPOptions
+from lrcomp.methods.compressor import weight_cost
 
 
 def _accuracy(model, X, y):
@@ -39,12 +40,16 @@ def test_acip_ends_within_budget_and_keeps_accuracy(budget):
     model = pretrained_mlp(steps=150)
     base = _accuracy(model, X, y)
     comp, _ = _run(model, _config(budget), 150)
+    assert comp.method.frozen
+    # the step that reaches the budget prunes only what it must (one direction of the widest layer,
+    # 64 + 64 weights, is the most it can miss by)
+    assert budget * comp.total_cost - 128 < comp.kept_cost() <= budget * comp.total_cost
+    # a layer whose factors cost at least its dense weight ends dense (break-even)
+    dense = {n: weight_cost(m) >= m.in_features * m.out_features for n, m in comp.method.lowrank_layers().items()}
     final = comp.finalize()
     assert comp.kept_cost() <= budget * comp.total_cost
-    # and not far under it: the step that reaches the budget prunes only what it must (one direction of
-    # the widest layer, 64 + 64 weights, is the most it can miss by)
-    assert comp.kept_cost() > budget * comp.total_cost - 128
-    assert all(isinstance(final.get_submodule(n), LowRankLinear) for n in ("0", "2"))
+    for name, is_dense in dense.items():
+        assert type(final.get_submodule(name)) is (nn.Linear if is_dense else LowRankLinear)
     assert all(m.active_rank == m.rank for m in comp.method.lowrank_layers().values())  # compact
     assert _accuracy(final, X, y) >= base - (0.05 if budget >= 0.5 else 0.25)
     assert _accuracy(final, X, y) > 0.5  # chance is 0.25
@@ -126,10 +131,40 @@ def test_finalize_folds_the_lora_into_the_factors():
     final = comp.finalize()
     for name in ("0", "2"):
         layer = final.get_submodule(name)
-        assert layer.lora_A is None and layer.rank == ranks[name] + lora[name]
+        if isinstance(layer, LowRankLinear):
+            assert layer.lora_A is None and layer.rank == ranks[name] + lora[name]
+        else:  # past break-even: dense (its function is checked below)
+            assert (ranks[name] + lora[name]) * (layer.in_features + layer.out_features) \
+                >= layer.in_features * layer.out_features
     assert comp.kept_cost() <= 0.5 * comp.total_cost
     with torch.no_grad():
         torch.testing.assert_close(final(X), before, rtol=1e-5, atol=1e-5)
+
+
+def test_finalize_makes_a_layer_past_break_even_dense():
+    """A layer that kept so many directions that its factors cost more than its dense weight ends as nn.Linear:
+    the same function, fewer weights; materialize still gives the curve afterwards."""
+    X, y = task()
+    config = _config(0.8, steps=60, method_options={"score_init": 0.3, "lambda_start": 1e-2, "lambda_end": 50.0})
+    comp = Compressor(pretrained_mlp(steps=150), config)
+    comp.method.lowrank_layers()["0"].scores.data.fill_(100.0)  # layer 0 keeps every direction
+    comp, _ = _run(comp.model, None, 60, comp=comp)
+    layer = comp.method.lowrank_layers()["0"]
+    assert layer.rank * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features
+    comp.model.eval()
+    with torch.no_grad():
+        before = comp.model(X)
+    kept = comp.kept_cost()
+    final = comp.finalize()
+    assert type(final.get_submodule("0")) is nn.Linear and isinstance(final.get_submodule("2"), LowRankLinear)
+    assert comp.kept_cost() < kept
+    with torch.no_grad():
+        torch.testing.assert_close(final(X), before, rtol=1e-5, atol=1e-5)
+    for budget in (0.8, 0.95):  # the dense layer stays as it is; the other layer follows the ranking
+        m = comp.materialize(budget)
+        assert type(m.get_submodule("0")) is nn.Linear
+        assert sum(weight_cost(m.get_submodule(n)) for n in ("0", "2")) \
+            <= budget * comp.total_cost
 
 
 def test_resume_equals_uninterrupted(tmp_path):

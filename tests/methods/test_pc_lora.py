@@ -78,13 +78,18 @@ def test_learns_and_ends_within_budget(budget):
     _train(model, comp, opt, 100)
     final = comp.finalize()
     assert comp.kept_cost() <= budget * comp.total_cost
-    for name in comp.targets:
-        layer = final.get_submodule(name)
-        assert isinstance(layer, LowRankLinear) and layer.dense_weight is None and layer.dense_scale == 0.0
     # the single uniform rank is the largest one within the budget: q + 1 would be over it
     q = uniform_rank([(IN, HID), (HID, HID)], budget)
-    assert {final.get_submodule(n).rank for n in comp.targets} == {q}
     assert (q + 1) * (IN + HID + 2 * HID) > budget * comp.total_cost
+    for name in comp.targets:
+        layer = final.get_submodule(name)
+        K, N = layer.in_features, layer.out_features
+        if q * (K + N) >= K * N:  # past break-even (16 -> 48 at 0.8): the factors became the dense weight
+            assert type(layer) is nn.Linear
+        else:
+            assert isinstance(layer, LowRankLinear) and layer.dense_weight is None and layer.dense_scale == 0.0
+            assert layer.rank == q
+    assert any(type(final.get_submodule(n)) is nn.Linear for n in comp.targets) == (budget == 0.8)
     assert _accuracy(final) > 0.8  # chance is 0.25
 
 
