@@ -23,10 +23,11 @@ size from one run, putting reservoir directions back where the budget allows.
 
 Differences from the paper: the L1 weight is cost-aware (a direction of a wide layer costs
 more parameters), scores have their own learning rate (``score_lr``: the optimizer gets two
-parameter groups, the first marked ``SCORE_GROUP``), and a materialised layer never passes
-break-even (it stays low-rank). The training model can pass it (the penalty prunes towards the total
-budget, not per layer): :meth:`Compressor.finalize` then makes that layer an ``nn.Linear``, the same
-function for fewer weights, and a later ``materialize`` keeps it so.
+parameter groups, the first marked ``SCORE_GROUP``), and a layer costs what it costs deployed: at and past
+break-even, ``K N`` (:func:`lrcomp.methods.base.factor_cost`; ``finalize`` makes it an ``nn.Linear``, the
+same function). So the budget is not spent on directions of a layer whose factors cost more than its dense
+weight, and once the ranking gives a layer that much, ``materialize`` gives it every direction (its dense
+weight) at no further cost.
 
 Dense warm-up (option ``warmup_frac``, default 0, not in the paper): the first
 ``t_w = max(1, round(warmup_frac T))`` steps train the model dense (every target stays ``nn.Linear``,
@@ -50,7 +51,14 @@ from torch import nn
 from lrcomp.compression.factorizations import factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods.acip_curve import CurveBranch
-from lrcomp.methods.base import JointMethod, check_warmup_frac, swap_params_in_optimizer
+from lrcomp.methods.base import (
+    JointMethod,
+    check_warmup_frac,
+    densify_past_break_even,
+    factor_cost,
+    swap_params_in_optimizer,
+    weight_cost,
+)
 
 ACIP_BASES = ("svd", "svd_llm")
 #: key marking the scores' parameter group in an optimizer built from ``comp.parameters()``
@@ -244,22 +252,29 @@ class ACIP(JointMethod):
                 continue
             if int(dead.sum()) == layer.rank:  # keep at least one direction: the best of the dying ones
                 dead[int(layer.scores.argmax())] = False
-            cost = layer.in_features + layer.out_features
-            dying += [(float(layer.scores[i]), name, i, cost) for i in dead.nonzero().flatten().tolist()]
+            dying += [(float(layer.scores[i]), name, i) for i in dead.nonzero().flatten().tolist()]
         dying.sort(key=lambda t: t[0])
         # Prune only down to the budget: the penalty can push many scores through 0 in one step, and
         # pruning them all would leave the model well under its budget for the rest of the run. The
         # ones not needed revive with a tiny positive score (the weakest survivors) and the scores freeze.
-        # kept_cost counts the directions that contribute (d != 0): the dying ones (mask off) are not in it
-        excess = self.comp.kept_cost() + sum(c for *_, c in dying) - self.comp.config.budget * self.comp.total_cost
+        # The cost with the dying directions back (kept_cost counts only those with d != 0), then without
+        # them one by one; a layer past break-even saves nothing until it falls under it (factor_cost).
+        count = {n: layer.active_rank + self._lora_rank(n) for n, layer in layers.items()}
+        for _, name, _ in dying:
+            count[name] += 1
+        total = self._cost(count)
+        limit = self.comp.config.budget * self.comp.total_cost
         cut = 0
-        while cut < len(dying) and excess > 0:
-            excess -= dying[cut][3]
+        while cut < len(dying) and total > limit:
+            name = dying[cut][1]
+            K, N = layers[name].in_features, layers[name].out_features
+            total -= factor_cost(K, N, count[name]) - factor_cost(K, N, count[name] - 1)
+            count[name] -= 1
             cut += 1
-        for _, name, i, _ in dying[cut:]:
+        for _, name, i in dying[cut:]:
             layers[name].scores[i] = self.options.revive_score
         masks = {}
-        for score, name, i, _ in dying[:cut]:
+        for score, name, i in dying[:cut]:
             layer = layers[name]
             origin = int(self.origin[name][i])
             self.order.append((name, origin, step, score))
@@ -316,9 +331,6 @@ class ACIP(JointMethod):
             raise ValueError(f"budget must be in (0, 1], got {budget!r}")
         layers = self.lowrank_layers()
         limit = budget * self.comp.total_cost
-        # what the directions do not account for: LoRA factors and layers kept dense
-        fixed = self.comp.kept_cost() - sum(
-            len(self.origin[n]) * (layer.in_features + layer.out_features) for n, layer in layers.items())
         chosen: dict[str, list[int]] = {n: [] for n in layers}
         alive = {(n, int(o)) for n in layers for o in self.origin[n]}
         ranking = [(n, o) for n, o in self.ranking() if not alive_only or (n, o) in alive]
@@ -326,20 +338,38 @@ class ACIP(JointMethod):
         for name, origin in ranking:
             if not chosen[name]:
                 chosen[name].append(origin)
-        spent = fixed + sum(layers[n].in_features + layers[n].out_features for n, c in chosen.items() if c)
+        taken = {(n, c[0]) for n, c in chosen.items() if c}
+        count = {n: len(c) + self._lora_rank(n) for n, c in chosen.items()}
+        spent = self._cost(count)
         for name, origin in ranking:
-            layer = layers[name]
-            K, N = layer.in_features, layer.out_features
-            lora = layer.lora_A.shape[0] if layer.lora_A is not None else layer.rank - len(self.origin[name])
-            if origin in chosen[name] or (len(chosen[name]) + 1 + lora) * (K + N) >= K * N:  # never past break-even
+            if (name, origin) in taken:
                 continue
-            if spent + K + N <= limit:
+            K, N = layers[name].in_features, layers[name].out_features
+            extra = factor_cost(K, N, count[name] + 1) - factor_cost(K, N, count[name])  # 0 once past break-even
+            if spent + extra <= limit:
                 chosen[name].append(origin)
-                spent += K + N
+                taken.add((name, origin))
+                count[name] += 1
+                spent += extra
         if spent > limit:
             raise ValueError(f"budget={budget:g} is below what one direction per layer costs "
                              f"({spent / self.comp.total_cost:.4f} of the targeted weights with the LoRA factors)")
         return chosen
+
+    def _lora_rank(self, name: str) -> int:
+        """Rank-one terms of layer ``name`` beside its ranked directions: its LoRA factors, or after
+        ``finalize`` the LoRA directions merged into it."""
+        layer = self.model.get_submodule(name)
+        return layer.lora_A.shape[0] if layer.lora_A is not None else layer.rank - len(self.origin[name])
+
+    def _cost(self, count: dict[str, int]) -> int:
+        """The targeted weights with ``count[name]`` rank-one terms in each low-rank layer (the rest as they are)."""
+        total = 0
+        for name in self.comp.targets:
+            layer = self.model.get_submodule(name)
+            total += factor_cost(layer.in_features, layer.out_features, count[name]) if name in count \
+                else weight_cost(layer)
+        return total
 
     @torch.no_grad()
     def _apply(self, chosen: dict[str, list[int]], model: nn.Module | None = None) -> None:
@@ -385,8 +415,9 @@ class ACIP(JointMethod):
         """A compact copy of the model at ``budget`` (fraction of the targeted weights), from the global ranking.
 
         Smaller budgets drop the least important directions; larger ones (up to what the run
-        kept plus every pruned direction) put reservoir directions back. The training model is
-        not changed.
+        kept plus every pruned direction) put reservoir directions back; a layer that reaches
+        break-even is dense (an ``nn.Linear`` of all its directions). The training model is not
+        changed.
         """
         if not self.factored:
             raise RuntimeError(f"acip has not factored the model yet: its dense warm-up runs until step "
@@ -398,6 +429,7 @@ class ACIP(JointMethod):
         self._apply(chosen, model)
         for name in chosen:
             model.get_submodule(name).merge_lora_()
+        densify_past_break_even(model, chosen)  # a layer given every direction it can have: its dense weight
         return model
 
     def finalize(self) -> nn.Module:

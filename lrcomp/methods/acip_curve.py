@@ -9,10 +9,10 @@ frozen, in a branch beside their layer and are switched on for the steps of that
 
     y = layer(x) + ((x V_r^T) * (S_r * m_b)) U_r^T      U_r [N, R], S_r [R], V_r [R, K]; m_b [R] in {0, 1}
 
-``m_b`` marks the reservoir directions that ``materialize(b)`` puts back and, with ``-S``, the live
-directions it leaves out (it never takes a layer past break-even, which the training model may be), so
-a training step at ``b`` computes exactly the model ``materialize(b)`` returns (before its LoRA is
-merged); that holds for ``budget`` itself too. The branch is a
+``m_b`` marks the reservoir directions that ``materialize(b)`` puts back (every live direction stays: the
+frozen model is within ``budget`` and the live directions lead the ranking), so a training step at ``b``
+computes exactly the model ``materialize(b)`` returns (before its LoRA is merged and a layer at break-even
+made dense); that holds for ``budget`` itself too. The branch is a
 forward hook holding plain tensors: no Parameter, buffer or shape of the model changes (DDP and FSDP
 need no rebuild, checkpoints hold nothing new: the branch is rebuilt from the ranking and the
 reservoir), it adds nothing in eval mode (the training model stays what ``finalize`` returns), and
@@ -39,21 +39,21 @@ class CurveBranch:
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         chosen = [method.materialize_ranks(b) for b in self.cycle]
         for name, layer in method.lowrank_layers().items():
-            live = {int(o): i for i, o in enumerate(method.origin[name])}
+            live = {int(o) for o in method.origin[name]}
             picks = [set(c[name]) for c in chosen]
-            added = sorted(set().union(*picks) - set(live))  # reservoir directions put back at some budget
-            # live directions some budget leaves out (materialize keeps a layer under break-even): subtracted
-            dropped = sorted(o for o in live if any(o not in p for p in picks))
-            if not added and not dropped:
+            if any(not live <= p for p in picks):
+                raise RuntimeError(f"acip curve: materialize leaves out live directions of {name!r} at a budget "
+                                   f"above the run's; the frozen model should be within its budget")
+            added = sorted(set().union(*picks) - live)  # reservoir directions put back at some budget
+            if not added:
                 continue
             res = method.reservoir[name]
             like = layer.U
-            U = torch.stack([res[o][0].to(like) for o in added] + [layer.U[:, live[o]] for o in dropped], 1)
-            V = torch.stack([res[o][2].to(like) for o in added] + [layer.V[live[o]] for o in dropped], 0)
-            S = torch.tensor([res[o][1] for o in added] + [-float(layer.S[live[o]]) for o in dropped],
-                             dtype=like.dtype, device=like.device)
-            on = torch.tensor([[o in p for o in added] + [o not in p for o in dropped] for p in picks])
-            d = S * on.to(S.device)  # [len(cycle), R]: row b, the signed directions that step b switches on
+            U = torch.stack([res[o][0].to(like) for o in added], 1)
+            V = torch.stack([res[o][2].to(like) for o in added], 0)
+            S = torch.tensor([res[o][1] for o in added], dtype=like.dtype, device=like.device)
+            on = torch.tensor([[o in p for o in added] for p in picks])
+            d = S * on.to(S.device)  # [len(cycle), R]: row b, the directions that step b switches on
             hook = _branch_hook(method.comp, U.detach().clone(), d, V.detach().clone(), on.any(1).tolist())
             self._handles[name] = layer.register_forward_hook(hook, prepend=True)  # feature taps see the sum
 

@@ -21,6 +21,37 @@ if TYPE_CHECKING:
     from lrcomp.methods.compressor import Compressor
 
 
+def factor_cost(K: int, N: int, directions: int) -> int:
+    """Weights of a ``K -> N`` layer with ``directions`` rank-one terms (LoRA ones included) as deployed:
+    ``directions (K + N)``, or ``K N`` at and past break-even, where :meth:`Compressor.finalize` makes it dense."""
+    return min(directions * (K + N), K * N)
+
+
+def weight_cost(module: nn.Module) -> int:
+    """Weights a targeted layer keeps: ``K N`` dense; low-rank, :func:`factor_cost` of its ``active_rank``
+    directions and LoRA factors, plus ``K N`` while its dense branch has a nonzero scale."""
+    K, N = module.in_features, module.out_features
+    if not isinstance(module, LowRankLinear):
+        return K * N
+    lora = module.lora_A.shape[0] if module.lora_A is not None else 0
+    branch = K * N if module.dense_weight is not None and module.dense_scale != 0.0 else 0
+    return factor_cost(K, N, module.active_rank + lora) + branch
+
+
+@torch.no_grad()
+def densify_past_break_even(model: nn.Module, names) -> list[str]:
+    """Put an ``nn.Linear`` (:meth:`LowRankLinear.to_linear`, the same function) in place of every low-rank
+    layer of ``names`` at or past break-even, where its factors cost at least as many weights and FLOPs as the
+    dense matrix (:func:`factor_cost`). Returns the names replaced."""
+    replaced = []
+    for name in names:
+        layer = model.get_submodule(name)
+        if isinstance(layer, LowRankLinear) and weight_cost(layer) == layer.in_features * layer.out_features:
+            model.set_submodule(name, layer.to_linear().train(layer.training))
+            replaced.append(name)
+    return replaced
+
+
 def build_options(options_cls: type, values: dict[str, Any], method: str):
     """``options_cls(**values)`` with an error that lists the valid option names."""
     valid = [f.name for f in dataclasses.fields(options_cls)]

@@ -11,9 +11,10 @@
         comp.step()                                               # schedules, masks, pruning, compaction
     model = comp.finalize()                                       # compact model at the budget
 
-Budget accounting counts the weights of the targeted layers: a dense layer costs ``K N``, a
-low-rank one ``active_rank (K + N)`` (plus its LoRA factors, plus ``K N`` while its dense
-branch has a nonzero scale); biases are not counted (they are never compressed).
+Budget accounting counts the weights of the targeted layers as deployed: a dense layer costs ``K N``, a
+low-rank one ``(active_rank + q) (K + N)`` with ``q`` its LoRA rank, or ``K N`` at and past break-even
+(:meth:`Compressor.finalize` makes such a layer an ``nn.Linear``, the same function), plus ``K N`` while
+its dense branch has a nonzero scale; biases are not counted (they are never compressed).
 
 Under ``torchrun`` with ``DistributedDataParallel`` (every rank runs the same script on its own shard
 of the data)::
@@ -98,9 +99,8 @@ from torch import Tensor, nn
 from lrcomp import distributed as dist_utils
 from lrcomp.calib.calibrate import calibrate
 from lrcomp.compression.config import JOINT_METHODS, CompressionConfig
-from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods import checkpoint
-from lrcomp.methods.base import JointMethod
+from lrcomp.methods.base import JointMethod, densify_past_break_even, weight_cost
 from lrcomp.methods.distill import FeatureTap, call_model, feature_loss, kd_loss, logits_of
 from lrcomp.replace import find_target_linears
 
@@ -119,14 +119,6 @@ def method_class(name: str) -> type[JointMethod]:
         raise ValueError(f"method must be one of the joint methods {JOINT_METHODS}, got {name!r}")
     module, cls = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
-
-
-def weight_cost(module: nn.Module) -> int:
-    """Weights a targeted layer keeps: ``K N`` dense; ``active_rank (K + N)`` (+ LoRA, + live dense branch)."""
-    if isinstance(module, LowRankLinear):
-        bias = module.out_features if module.bias is not None else 0
-        return module.num_parameters(compact=True) - bias
-    return module.in_features * module.out_features
 
 
 class Compressor:
@@ -475,24 +467,11 @@ class Compressor:
         for tap in (self._student_tap, self._teacher_tap):
             if tap is not None:
                 tap.remove()
-        self.densify_past_break_even()
+        densify_past_break_even(model, self.targets)  # there the factors cost at least the dense weight
         if self.kept_cost() > self.config.budget * self.total_cost:
             raise RuntimeError(f"method {self.config.method!r} ended over budget: kept {self.kept_fraction():.4f} "
                                f"> {self.config.budget:g}")
         return model
-
-    @torch.no_grad()
-    def densify_past_break_even(self) -> list[str]:
-        """Put an ``nn.Linear`` (:meth:`LowRankLinear.to_linear`, the same function) in place of every low-rank
-        target at or past break-even (``weight_cost >= K N``): there the factors cost at least as many weights
-        and FLOPs as the dense matrix. A method's training model can end so (ACIP prunes to the total budget,
-        not per layer). Returns the names replaced."""
-        names = []
-        for name, layer in self.method.lowrank_layers().items():
-            if weight_cost(layer) >= layer.in_features * layer.out_features:
-                self.model.set_submodule(name, layer.to_linear().train(layer.training))
-                names.append(name)
-        return names
 
     def materialize(self, budget: float) -> nn.Module:
         """A compact copy of the model at any ``budget`` from this one run (ACIP's global ranking).
