@@ -312,13 +312,12 @@ class ACIP(JointMethod):
         """Every direction (layer, original index), most important first: survivors by score (equal scores by
         singular value), then the pruned ones from the last pruned to the first."""
         alive = []
-        for name, layer in self.lowrank_layers().items():
+        layers = self.lowrank_layers()  # a target Compressor.finalize made dense has no directions left to rank
+        for name, layer in layers.items():
             live = len(self.origin[name])  # past them: LoRA folded in by finalize
             scores, svals = layer.scores.tolist()[:live], layer.S.tolist()[:live]
             alive += [(float(s), sv, name, int(o)) for s, sv, o in zip(scores, svals, self.origin[name], strict=True)]
         alive.sort(key=lambda t: (-t[0], -t[1]))
-        # a target Compressor.finalize made dense (past break-even) has no directions left to rank
-        layers = self.lowrank_layers()
         return [(n, o) for _, _, n, o in alive] + [(n, o) for n, o, _, _ in reversed(self.order) if n in layers]
 
     def materialize_ranks(self, budget: float, alive_only: bool = False) -> dict[str, list[int]]:
