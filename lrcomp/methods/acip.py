@@ -15,7 +15,8 @@ targeted layers are at or under the budget the scores freeze and the rest of the
 fine-tunes the (optional) LoRA compensation and the non-target parameters with the masks
 fixed. If the budget is not met when the pruning phase ends, the global ranking cuts it. With the
 option ``curve_budgets`` (not in the paper) that frozen phase trains at several sizes in turn
-(:mod:`lrcomp.methods.acip_curve`).
+(:mod:`lrcomp.methods.acip_curve`); with ``factor_lr > 0`` (not in the paper) it also fine-tunes the live
+factors ``U`` and ``V`` at that learning rate (``S`` and the masks stay as they are).
 
 The order in which directions were pruned (earliest = least important; the survivors ranked
 by their final score) is a global ranking, so :meth:`ACIP.materialize` builds a model of any
@@ -63,6 +64,8 @@ from lrcomp.methods.base import (
 ACIP_BASES = ("svd", "svd_llm")
 #: key marking the scores' parameter group in an optimizer built from ``comp.parameters()``
 SCORE_GROUP = "lrcomp_acip_scores"
+#: key marking the group of the factors U, V (option ``factor_lr``), trained from the frozen phase on
+FACTOR_GROUP = "lrcomp_acip_factors"
 
 
 @dataclasses.dataclass
@@ -90,6 +93,10 @@ class ACIPOptions:
     # Budgets above `budget` that the frozen phase also trains at, in turn with `budget` (not in the paper; see
     # lrcomp.methods.acip_curve): for a run whose materialize() serves several sizes. () = the paper.
     curve_budgets: tuple[float, ...] = ()
+    # Learning rate of the live factors U and V in the frozen phase (not in the paper, whose U and V stay frozen;
+    # 0 = frozen). They get their own parameter group (marked ``FACTOR_GROUP``): the LoRA learning rate that suits
+    # the scores' run is far too large for a full fine-tune of the factors.
+    factor_lr: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("lambda_start", "lambda_end", "score_init", "score_lr", "lora_alpha", "revive_score"):
@@ -107,6 +114,9 @@ class ACIPOptions:
             raise ValueError(f"acip option lora_rank must be an int >= 0, got {self.lora_rank!r}")
         if self.basis not in ACIP_BASES:
             raise ValueError(f"acip option basis must be one of {ACIP_BASES}, got {self.basis!r}")
+        if isinstance(self.factor_lr, bool) or not isinstance(self.factor_lr, (int, float)) \
+                or not math.isfinite(self.factor_lr) or self.factor_lr < 0:
+            raise ValueError(f"acip option factor_lr must be a number >= 0, got {self.factor_lr!r}")
         check_warmup_frac(self.warmup_frac, "acip")
         budgets = self.curve_budgets
         if not isinstance(budgets, (list, tuple)) or any(
@@ -169,12 +179,15 @@ class ACIP(JointMethod):
             layer.add_lora(min(self.options.lora_rank, layer.rank), self.options.lora_alpha)
         optimizer = self.comp.optimizer
         if optimizer is not None:
-            group = next((g for g in optimizer.param_groups if g.get(SCORE_GROUP)), None)
-            if group is None:
-                raise ValueError("the optimizer has no acip score group: build it from comp.parameters()")
+            keys = (SCORE_GROUP, FACTOR_GROUP) if self.options.factor_lr else (SCORE_GROUP,)
+            groups = [next((g for g in optimizer.param_groups if g.get(key)), None) for key in keys]
+            if any(g is None for g in groups):
+                raise ValueError("the optimizer has no acip score (or factor) group: build it from comp.parameters()")
             swap_params_in_optimizer(optimizer, linear.weight,
                                      [layer.lora_A, layer.lora_B] if layer.lora_A is not None else [])
-            group["params"].append(layer.scores)
+            groups[0]["params"].append(layer.scores)
+            if self.options.factor_lr:
+                groups[1]["params"] += self._factors([layer])
         self.model.set_submodule(name, layer.train(linear.training))
         self.origin[name] = torch.arange(layer.rank)
         self.reservoir[name] = {}
@@ -211,11 +224,19 @@ class ACIP(JointMethod):
                              f"of the targeted weights; lower lora_rank (0: no LoRA) or raise the budget")
 
     def trainable_parameters(self):
-        scores = [layer.scores for layer in self.lowrank_layers().values()]
-        ids = {id(p) for p in scores}
+        layers = self.lowrank_layers().values()
+        scores = [layer.scores for layer in layers]
+        groups = [{"params": scores, "lr": self.options.score_lr, SCORE_GROUP: True}]
+        if self.options.factor_lr:  # U and V from the start (frozen until the scores freeze): fixed group sizes
+            groups.append({"params": self._factors(layers), "lr": self.options.factor_lr, FACTOR_GROUP: True})
+        ids = {id(p) for g in groups for p in g["params"]}
         rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
-        # during a dense warm-up the score group is empty; the scores join it at the boundary
-        return [{"params": scores, "lr": self.options.score_lr, SCORE_GROUP: True}, {"params": rest}]
+        # during a dense warm-up the score (and factor) group is empty; the layers' parameters join at the boundary
+        return [*groups, {"params": rest}]
+
+    @staticmethod
+    def _factors(layers) -> list[nn.Parameter]:
+        return [p for layer in layers for p in (layer.U, layer.V)]
 
     @property
     def prune_end(self) -> float:
@@ -293,10 +314,17 @@ class ACIP(JointMethod):
 
     def _freeze(self, curve: bool = True) -> None:
         self.frozen = True
+        self._freeze_scores()
+        self._build_curve(curve)
+
+    def _freeze_scores(self) -> None:
+        """Scores frozen; with ``factor_lr`` the live factors train from now on."""
         for layer in self.lowrank_layers().values():
             layer.scores.requires_grad_(False)
             layer.scores.grad = None
-        self._build_curve(curve)
+            if self.options.factor_lr:
+                layer.U.requires_grad_(True)
+                layer.V.requires_grad_(True)
 
     def _build_curve(self, build: bool = True) -> None:
         """With ``curve_budgets``, once frozen: the branch of the frozen phase, (re)built from the ranking and
@@ -473,6 +501,5 @@ class ACIP(JointMethod):
                 self.reservoir[name] = {o: (U[:, j].clone(), s, V[j].clone())
                                         for j, (o, s) in enumerate(zip(index, svals, strict=True))}
         if self.frozen:
-            for layer in self.lowrank_layers().values():
-                layer.scores.requires_grad_(False)
+            self._freeze_scores()
         self._build_curve()
