@@ -95,7 +95,9 @@ class ACIPOptions:
     curve_budgets: tuple[float, ...] = ()
     # Learning rate of the live factors U and V in the frozen phase (not in the paper, whose U and V stay frozen;
     # 0 = frozen). They get their own parameter group (marked ``FACTOR_GROUP``): the LoRA learning rate that suits
-    # the scores' run is far too large for a full fine-tune of the factors.
+    # the scores' run is far too large for a full fine-tune of the factors. On MiniLM it did not help (validation,
+    # one run, seeds 0-2, lr 2e-3, factor_lr 1e-4: 0.742 / 0.733 / 0.715 at 0.8 / 0.5 / 0.3 against 0.742 / 0.729 /
+    # 0.714 frozen; benchmarks/results/raw/quality_cpu_val_acip_factor_lr.jsonl), so the default stays the paper's.
     factor_lr: float = 0.0
 
     def __post_init__(self) -> None:
