@@ -181,10 +181,12 @@ class ACIP(JointMethod):
             layer.add_lora(min(self.options.lora_rank, layer.rank), self.options.lora_alpha)
         optimizer = self.comp.optimizer
         if optimizer is not None:
-            keys = (SCORE_GROUP, FACTOR_GROUP) if self.options.factor_lr else (SCORE_GROUP,)
-            groups = [next((g for g in optimizer.param_groups if g.get(key)), None) for key in keys]
-            if any(g is None for g in groups):
-                raise ValueError("the optimizer has no acip score (or factor) group: build it from comp.parameters()")
+            keys = {SCORE_GROUP: "score", FACTOR_GROUP: "factor"} if self.options.factor_lr else {SCORE_GROUP: "score"}
+            groups = []
+            for key, what in keys.items():
+                groups.append(next((g for g in optimizer.param_groups if g.get(key)), None))
+                if groups[-1] is None:
+                    raise ValueError(f"the optimizer has no acip {what} group: build it from comp.parameters()")
             swap_params_in_optimizer(optimizer, linear.weight,
                                      [layer.lora_A, layer.lora_B] if layer.lora_A is not None else [])
             groups[0]["params"].append(layer.scores)

@@ -103,3 +103,13 @@ def test_factor_lr_is_validated():
     for bad in (-1e-4, float("nan"), True, "1e-4"):
         with pytest.raises(ValueError, match="factor_lr"):
             ACIPOptions(factor_lr=bad)
+
+
+def test_warmup_boundary_needs_the_factor_group():
+    model = pretrained_mlp(steps=150)
+    comp = Compressor(model, _config(steps=40, warmup_frac=0.25))
+    groups = [g for g in comp.parameters() if not g.get(FACTOR_GROUP)]  # an optimizer built without it
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    comp.attach(opt)
+    with pytest.raises(ValueError, match="no acip factor group"):
+        train(comp, opt, 11)
