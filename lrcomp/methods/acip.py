@@ -68,6 +68,14 @@ SCORE_GROUP = "lrcomp_acip_scores"
 FACTOR_GROUP = "lrcomp_acip_factors"
 
 
+def _marked_group(optimizer: torch.optim.Optimizer, key: str, what: str) -> dict:
+    """The parameter group of ``optimizer`` marked ``key`` (ValueError naming ``what`` when there is none)."""
+    group = next((g for g in optimizer.param_groups if g.get(key)), None)
+    if group is None:
+        raise ValueError(f"the optimizer has no acip {what} group: build it from comp.parameters()")
+    return group
+
+
 @dataclasses.dataclass
 class ACIPOptions:
     lambda_start: float = 1e-4  # penalty weight at step 0
@@ -181,17 +189,13 @@ class ACIP(JointMethod):
             layer.add_lora(min(self.options.lora_rank, layer.rank), self.options.lora_alpha)
         optimizer = self.comp.optimizer
         if optimizer is not None:
-            keys = {SCORE_GROUP: "score", FACTOR_GROUP: "factor"} if self.options.factor_lr else {SCORE_GROUP: "score"}
-            groups = []
-            for key, what in keys.items():
-                groups.append(next((g for g in optimizer.param_groups if g.get(key)), None))
-                if groups[-1] is None:
-                    raise ValueError(f"the optimizer has no acip {what} group: build it from comp.parameters()")
+            scores = _marked_group(optimizer, SCORE_GROUP, "score")
+            factors = _marked_group(optimizer, FACTOR_GROUP, "factor") if self.options.factor_lr else None
             swap_params_in_optimizer(optimizer, linear.weight,
                                      [layer.lora_A, layer.lora_B] if layer.lora_A is not None else [])
-            groups[0]["params"].append(layer.scores)
-            if self.options.factor_lr:
-                groups[1]["params"] += self._factors([layer])
+            scores["params"].append(layer.scores)
+            if factors is not None:
+                factors["params"] += self._factors([layer])
         self.model.set_submodule(name, layer.train(linear.training))
         self.origin[name] = torch.arange(layer.rank)
         self.reservoir[name] = {}
