@@ -74,7 +74,7 @@ ONE_RUN_ALL_BUDGETS = ("acip",)
 # comparison at equal training per budget), beside "acip" (one run, every budget materialised from it).
 ALIASES = {"acip_per_budget": "acip"}
 # Keys of --method-options that set CompressionConfig fields instead of the method's own options.
-CONFIG_KEYS = ("feature_weight", "distill_weight", "distill_temperature")
+CONFIG_KEYS = ("feature_weight", "distill_weight", "distill_temperature", "other_lr")
 # Learning rates chosen per method at budget 0.5 on a validation split (benchmarks/quality_sweep.py phase A
 # on the CPU, 200 steps, seed 0, among 1e-4 / 5e-4 / 2e-3: benchmarks/results/quality_selection.json, which also
 # holds the choices at 0.8 and 0.3 that the sweep passes explicitly); a method not listed uses --lr.

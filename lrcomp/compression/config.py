@@ -47,6 +47,10 @@ class CompressionConfig:
         distill_weight: weight of the logit KL to the dense teacher (None: the method's default).
         feature_weight: weight of the per-layer feature MSE to the teacher (None: the method's default).
         distill_temperature: temperature T of the logit KL (scaled by T^2).
+        other_lr: joint methods: learning rate of the trained parameters outside the targeted layers
+            (embeddings, norms, task heads), which :meth:`lrcomp.Compressor.parameters` then puts in a
+            parameter group of their own (marked ``lrcomp.methods.compressor.OTHER_GROUP``); None: they
+            train at the optimizer's lr, like the method's own parameters.
     """
 
     method: str = "svd_llm"
@@ -67,6 +71,7 @@ class CompressionConfig:
     distill_weight: float | None = None
     feature_weight: float | None = None
     distill_temperature: float = 2.0
+    other_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -84,6 +89,9 @@ class CompressionConfig:
         if isinstance(self.distill_temperature, bool) or not isinstance(self.distill_temperature, (int, float)) \
                 or not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise ValueError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature!r}")
+        if self.other_lr is not None and (isinstance(self.other_lr, bool) or not isinstance(self.other_lr, (int, float))
+                                          or not (math.isfinite(self.other_lr) and self.other_lr > 0)):
+            raise ValueError(f"other_lr must be None or a finite number > 0, got {self.other_lr!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (
                 math.isfinite(self.budget) and 0 < self.budget <= 1):
             raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}")

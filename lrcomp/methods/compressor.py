@@ -114,6 +114,25 @@ _REGISTRY = {
 }
 
 
+#: key marking the parameter group of the parameters outside the targeted layers (``config.other_lr``)
+OTHER_GROUP = "lrcomp_other"
+
+
+def split_off_other(given: list, inside: set[int], lr: float) -> list[dict]:
+    """``given`` (Parameters or group dicts) as group dicts whose parameters outside ``inside`` (ids) moved to
+    one last group at ``lr`` marked :data:`OTHER_GROUP`; a group that sets its own lr keeps all of its own."""
+    groups = [dict(g) for g in given] if given and isinstance(given[0], dict) else [{"params": list(given)}]
+    other = []
+    for group in groups:
+        params = list(group["params"])
+        if "lr" in group:
+            group["params"] = params
+            continue
+        group["params"] = [p for p in params if id(p) in inside]
+        other += [p for p in params if id(p) not in inside]
+    return [*groups, {"params": other, "lr": lr, OTHER_GROUP: True}]
+
+
 def method_class(name: str) -> type[JointMethod]:
     if name not in _REGISTRY:
         raise ValueError(f"method must be one of the joint methods {JOINT_METHODS}, got {name!r}")
@@ -230,9 +249,19 @@ class Compressor:
         return "|".join(re.escape(n) for n in self.targets)
 
     # ------------------------------------------------------------------ training-loop API
-    def parameters(self) -> list[nn.Parameter]:
-        """The parameters this method trains (give them to the optimizer, then :meth:`attach` it)."""
-        return self.method.trainable_parameters()
+    def parameters(self) -> list:
+        """The parameters this method trains (give them to the optimizer, then :meth:`attach` it): a list of
+        Parameters or of parameter-group dicts.
+
+        With ``config.other_lr`` the trained parameters outside the targeted layers (embeddings, norms,
+        heads) leave the method's groups that have no lr of their own for one last group at that lr, marked
+        :data:`OTHER_GROUP` (always present, possibly empty, so the group layout never depends on the model).
+        """
+        given = self.method.trainable_parameters()
+        if self.config.other_lr is None:
+            return given
+        inside = {id(p) for n in self.targets for p in self.model.get_submodule(n).parameters()}
+        return split_off_other(given, inside, self.config.other_lr)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer whose state follows compaction (pruned directions are sliced out of it)."""
