@@ -368,8 +368,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     folder = _model_dir(args.model, "MODEL")
     out = _check_out_dir(args.out, [folder], args.overwrite)
-    joint_only = [opt for opt, value in (("--steps", args.steps), ("--method-option", args.method_option))
-                  if value is not None]
+    joint_only = [opt for opt, value in (("--steps", args.steps), ("--method-option", args.method_option),
+                                         ("--other-lr", args.other_lr)) if value is not None]
     if joint_only:
         raise UsageError(f"{', '.join(joint_only)}: only for the joint methods ({', '.join(JOINT_METHODS)}); "
                          f"{args.method} is one-shot")
@@ -685,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     joint.add_argument("--task", choices=("auto", "lm", "classification"), default="auto",
                        help="auto: lm for causal LMs, else classification")
     joint.add_argument("--lr", type=_positive_float, default=5e-4, help="peak learning rate (linear warm-up, decay)")
+    joint.add_argument("--other-lr", type=_positive_float, default=None,
+                       help="learning rate of the parameters outside the targeted layers (embeddings, norms, heads; "
+                            "CompressionConfig.other_lr); default: --lr")
     joint.add_argument("--train-batch-size", type=_positive_int, default=16, help="texts per optimizer step")
     joint.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps")
     joint.add_argument("--train-samples", type=_positive_int, default=None, help="use at most this many texts")

@@ -61,7 +61,7 @@ def _settings(args: argparse.Namespace, folder: Path, task: str, target, exclude
     return {"model": str(folder.resolve()), "method": args.method, "budget": args.budget, "cost": args.cost,
             "task": task, "data": args.data, "train_samples": args.train_samples, "eval_fraction": args.eval_fraction,
             "seed": args.seed, "max_length": args.max_length, "steps": args.steps, "lr": args.lr,
-            "train_batch_size": args.train_batch_size, "grad_accum": args.grad_accum,
+            "other_lr": args.other_lr, "train_batch_size": args.train_batch_size, "grad_accum": args.grad_accum,
             "calib_samples": args.calib_samples, "batch_size": args.batch_size, "target": target,
             "exclude": exclude, "method_options": parse_method_options(args.method_option), "dtype": args.dtype}
 
@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = lrcomp.CompressionConfig(
             method=args.method, budget=args.budget, cost=args.cost, target_modules=target, exclude_modules=exclude,
-            min_rank=args.min_rank, total_steps=args.steps, method_options=options,
+            min_rank=args.min_rank, total_steps=args.steps, method_options=options, other_lr=args.other_lr,
             calib_save_path=str(work / CALIB_FILE))
         cli._log(f"{len(targets)} target layers; calibrating on {len(calib_texts)} texts")
         comp = lrcomp.Compressor(model, config, calib_data=calib, loss_fn=lambda outputs, batch: outputs.loss)
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         "lrcomp_version": lrcomp.__version__, "source_model": str(folder.resolve()), "task": task,
         "architecture": type(final).__name__, "auto_class": auto_class.__name__, "method": args.method,
         "method_options": options, "budget": args.budget, "cost": args.cost, "steps": args.steps, "lr": args.lr,
-        "train_texts": len(train_set), "eval_texts": len(eval_set), "labels": label_names,
+        "other_lr": args.other_lr, "train_texts": len(train_set), "eval_texts": len(eval_set), "labels": label_names,
         "train_loss": float(result.training_loss), "eval": metrics, "resumed_from": checkpoint,
         "params": {"targeted_weights_before": dense_w, "targeted_weights_after": kept_w,
                    "targeted_weights_kept_fraction": kept_w / dense_w},

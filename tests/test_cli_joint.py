@@ -89,6 +89,29 @@ def test_classification_run_writes_a_loadable_compact_model(root, tmp_path, caps
     assert model.config.id2label == {0: "c0", 1: "c1"}
 
 
+def test_other_lr_reaches_the_optimizer(root, tmp_path, capsys, monkeypatch):
+    groups = []
+    parameters = lrcomp.Compressor.parameters
+
+    def spy(comp):
+        groups[:] = parameters(comp)
+        groups.append(comp.model)
+        return groups[:-1]
+
+    monkeypatch.setattr(lrcomp.Compressor, "parameters", spy)
+    out = tmp_path / "out"
+    code, _, err = run(joint_args(root / "bert", out, root / "labeled.jsonl", "jactus", "--other-lr", 1e-5), capsys)
+    assert code == 0, err
+    assert json.loads((out / cli.REPORT_NAME).read_text())["other_lr"] == 1e-5
+    model = groups.pop()
+    names = {id(p): n for n, p in model.named_parameters()}
+    other = groups[-1]
+    assert other["lr"] == 1e-5 and other["params"]
+    assert "classifier.weight" in {names[id(p)] for p in other["params"]}
+    inside = {id(p) for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
+    assert inside and not inside & {id(p) for p in other["params"]}  # the targeted layers stay at --lr
+
+
 def test_lm_run(root, tmp_path, capsys):
     out = tmp_path / "out"
     code, printed, err = run(joint_args(root / "llama", out, root / "labeled.jsonl", "tunecomp"), capsys)
@@ -164,6 +187,8 @@ def test_bad_joint_arguments(root, tmp_path, capsys):
     assert code == 2 and "--steps" in err
     code, _, err = run(["compress", root / "bert", "--out", out, "--method", "svd_llm", "--steps", 3], capsys)
     assert code == 2 and "only for the joint methods" in err
+    code, _, err = run(["compress", root / "bert", "--out", out, "--method", "svd_llm", "--other-lr", 1e-4], capsys)
+    assert code == 2 and "--other-lr" in err and "only for the joint methods" in err
     code, _, err = run([*args, "--task", "lm"], capsys)
     assert code == 2 and "causal LM" in err
     code, _, err = run([*args, "--method-option", "novalue"], capsys)
