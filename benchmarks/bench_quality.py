@@ -88,8 +88,9 @@ DEFAULT_METHOD_LR = {"dense": 1e-4, "seq_svd": 1e-4, "seq_svd_llm": 1e-4, "acip"
 # 5e-4: 0.687 / 0.689 / 0.691 at 0.8 / 0.5 / 0.3, against 0.635 / 0.634 / 0.682 with the plain SVD of the paper;
 # raw/quality_cpu_runs.jsonl and the acip_svd_basis rows of raw/quality_gpu_grid.jsonl); PC-LoRA from SVD-LLM's
 # truncation (not in the paper; the paper's LoRA init is options {}); LPAF pruning by first-order scores (its
-# library default; named so that runs record it).
-DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm"}, "pc_lora": {"init": "svd_llm"},
+# library default; named so that runs record it). ACIP also with the parameters outside the targeted layers at
+# the dense lr (CompressionConfig.other_lr; chosen at 0.8 and 0.5, see one_run_options).
+DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm", "other_lr": 1e-4}, "pc_lora": {"init": "svd_llm"},
                           "lpaf": {"prune_score": "first_order"}}
 DATA_SEED = 1234  # fixes the train/test split, independent of the run seeds
 # Seconds per training step of the joint methods relative to a dense step, used only for the
