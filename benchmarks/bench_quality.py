@@ -70,8 +70,6 @@ SEQUENTIAL = {"seq_svd": "svd", "seq_svd_llm": "svd_llm"}
 JOINT_DEFAULT = ("acip", "pc_lora", "tunecomp", "jactus", "lpaf")
 # Methods where one run at the smallest budget gives every budget (comp.materialize).
 ONE_RUN_ALL_BUDGETS = ("acip",)
-# other_lr of such a run (see one_run_options): the dense fine-tune's lr
-ONE_RUN_OTHER_LR = 1e-4
 # Bench-only names of a joint method run differently: ACIP trained to each budget separately (the
 # comparison at equal training per budget), beside "acip" (one run, every budget materialised from it).
 ALIASES = {"acip_per_budget": "acip"}
@@ -83,6 +81,8 @@ CONFIG_KEYS = ("feature_weight", "distill_weight", "distill_temperature", "other
 # --method-lr overrides them.
 DEFAULT_METHOD_LR = {"dense": 1e-4, "seq_svd": 1e-4, "seq_svd_llm": 1e-4, "acip": 2e-3, "pc_lora": 5e-4,
                      "tunecomp": 1e-4, "jactus": 5e-4, "lpaf": 5e-4}
+# other_lr of a one-run method (see one_run_options) and of ACIP's default options: the dense fine-tune's lr
+ONE_RUN_OTHER_LR = DEFAULT_METHOD_LR["dense"]
 # Method options the bench uses unless --method-options says otherwise (the choices at 0.5, with the lrs above):
 # ACIP on whitened (SVD-LLM) factors, which the calibration batches make possible here (3 seeds, one run, lr
 # 5e-4: 0.687 / 0.689 / 0.691 at 0.8 / 0.5 / 0.3, against 0.635 / 0.634 / 0.682 with the plain SVD of the paper;
@@ -90,7 +90,7 @@ DEFAULT_METHOD_LR = {"dense": 1e-4, "seq_svd": 1e-4, "seq_svd_llm": 1e-4, "acip"
 # truncation (not in the paper; the paper's LoRA init is options {}); LPAF pruning by first-order scores (its
 # library default; named so that runs record it). ACIP also with the parameters outside the targeted layers at
 # the dense lr (CompressionConfig.other_lr; chosen at 0.8 and 0.5, see one_run_options).
-DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm", "other_lr": 1e-4}, "pc_lora": {"init": "svd_llm"},
+DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm", "other_lr": ONE_RUN_OTHER_LR}, "pc_lora": {"init": "svd_llm"},
                           "lpaf": {"prune_score": "first_order"}}
 DATA_SEED = 1234  # fixes the train/test split, independent of the run seeds
 # Seconds per training step of the joint methods relative to a dense step, used only for the
