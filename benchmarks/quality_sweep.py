@@ -39,7 +39,13 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
-from bench_quality import ALIASES, DEFAULT_METHOD_OPTIONS, ONE_RUN_ALL_BUDGETS, one_run_options  # noqa: E402
+from bench_quality import (  # noqa: E402
+    ALIASES,
+    DEFAULT_METHOD_LR,
+    DEFAULT_METHOD_OPTIONS,
+    ONE_RUN_ALL_BUDGETS,
+    one_run_options,
+)
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE / "bench_quality.py"
@@ -52,11 +58,17 @@ METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "acip_per_budget", "pc_lor
 # validation, seed 0, lr 5e-4: 0.749 / 0.691 at 0.5 / 0.3 against 0.704 / 0.696 factoring at step 0), alone
 # and with the bases trained after the factorisation. ACIP: without other_lr too (the parameters outside the
 # targeted layers at the run's lr, as in the paper; the bench's default trains them at the dense lr 1e-4).
-# PC-LoRA with other_lr 1e-4 too, both inits (it trains at 5e-4 or 2e-3).
+# PC-LoRA, JACTUS and LPAF with other_lr too (the parameters outside the targeted layers at the dense lr,
+# while the method trains at 5e-4 or 2e-3), for each of their other options. A candidate whose other_lr is
+# its lr is the same run as the one without other_lr and is made once (see run_key).
+_DENSE_LR = DEFAULT_METHOD_LR["dense"]
 EXTRA_OPTIONS: dict[str, list[dict]] = {
-    "pc_lora": [{}, {"init": "svd_llm", "other_lr": 1e-4}, {"other_lr": 1e-4}],
-    "jactus": [{"warmup_frac": 0.5}, {"warmup_frac": 0.5, "train_bases": True}],
+    "pc_lora": [{}, {"init": "svd_llm", "other_lr": _DENSE_LR}, {"other_lr": _DENSE_LR}],
+    "jactus": [{"warmup_frac": 0.5}, {"warmup_frac": 0.5, "train_bases": True},
+               *({**o, "other_lr": _DENSE_LR} for o in ({}, {"warmup_frac": 0.5},
+                                                         {"warmup_frac": 0.5, "train_bases": True}))],
     "acip": [{"basis": "svd_llm"}],
+    "lpaf": [{**DEFAULT_METHOD_OPTIONS["lpaf"], "other_lr": _DENSE_LR}],
 }
 
 
@@ -105,7 +117,12 @@ def read_runs(paths) -> list[dict]:
 
 
 def run_key(method: str, budget, lr: float, options: dict, seed: int, split: str, shape: dict) -> str:
-    """What makes two runs the same run (``shape``: steps, batch_size, max_length)."""
+    """What makes two runs the same run (``shape``: steps, batch_size, max_length).
+
+    An ``other_lr`` equal to ``lr`` trains every parameter at ``lr``: the same run as without it.
+    """
+    if options.get("other_lr") == lr:
+        options = {k: v for k, v in options.items() if k != "other_lr"}
     return json.dumps([method, None if budget is None else round(float(budget), 6), float(lr),
                        options, int(seed), split, shape["steps"], shape["batch_size"], shape["max_length"]],
                       sort_keys=True)
@@ -238,11 +255,13 @@ def main(argv=None) -> int:
     codes: dict[str, int | None] = {}
     for round_ in range(args.extend_edges + 1):
         done = known_runs()
-        jobs = []
+        jobs, scheduled = [], set()
         for c in candidates:
-            missing = [seed for seed, key in zip(val_seeds, c["keys"], strict=True) if key not in done]
+            missing = [seed for seed, key in zip(val_seeds, c["keys"], strict=True)
+                       if key not in done and key not in scheduled]
             if not missing or c["name"] in codes:
                 continue
+            scheduled.update(c["keys"])  # a candidate that is the same run (see run_key) waits for this one
             argv_c = [*base, "--methods", c["method"], "--seeds", *map(str, missing),
                       "--budgets", str(c["budget"] or 0.5),
                       "--eval-split", "val", "--method-lr", f"{c['method']}={c['lr']}",

@@ -170,3 +170,17 @@ def test_validation_seeds_are_averaged_and_only_missing_seeds_run(tmp_path, fake
     assert meta["val_seeds"] == [0, 1]
     best = next(c for c in meta["candidates"] if c["method"] == "seq_svd" and c["budget"] == 0.8 and c["lr"] == 1e-4)
     assert best["val_accs"] == pytest.approx([0.7, 0.701]) and best["val_acc"] == pytest.approx(0.7005)
+
+
+def test_a_candidate_whose_other_lr_is_its_lr_is_made_once(tmp_path, fake_bench, monkeypatch):
+    # at lr 1e-4, other_lr 1e-4 trains every parameter at 1e-4: the run without other_lr
+    monkeypatch.setattr(quality_sweep, "EXTRA_OPTIONS", {"seq_svd": [{"other_lr": 1e-4}]})
+    assert quality_sweep.main(["--methods", "seq_svd", "--lrs", "1e-4", "5e-4", "--budgets", "0.8", "--seeds", "0",
+                               "--selection-only", "--workdir", str(tmp_path / "work"),
+                               "--out", str(tmp_path / "q.json"), "--", "--steps", "7"]) == 0
+    val = sorted((c["lr"], json.dumps(c["options"])) for c in _calls(fake_bench))
+    assert val == [(1e-4, "{}"), (5e-4, '{"other_lr": 0.0001}'), (5e-4, "{}")]
+    # the candidate is still there (its lr grid stays whole), scored by the one run
+    cands = json.loads((tmp_path / "q_selection.json").read_text())["meta"]["candidates"]
+    at_1e4 = [c for c in cands if c["lr"] == 1e-4]
+    assert len(cands) == 4 and len(at_1e4) == 2 and at_1e4[0]["val_acc"] == at_1e4[1]["val_acc"] is not None
