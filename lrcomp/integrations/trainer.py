@@ -38,6 +38,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from lrcomp.methods.compressor import OTHER_GROUP
+
 __all__ = ["COMPRESSOR_CHECKPOINT_NAME", "LowRankCallback", "LowRankTrainer", "make_trainer"]
 
 # File inside each Trainer checkpoint (``output_dir/checkpoint-N/``) holding the compressor's state
@@ -195,7 +197,8 @@ class LowRankTrainer(Trainer):
     - the optimizer (``args.optim``, its kwargs, ``args.learning_rate`` and ``weight_decay``)
       is built on ``compressor.parameters()`` only; weight decay goes to the matrices among
       them (``ndim >= 2`` and not excluded by ``get_decay_parameter_names``), never to biases,
-      norms, singular values or scores; param-group dicts from ``compressor.parameters()`` are kept as given;
+      norms, singular values or scores, also inside the param-group dicts of ``compressor.parameters()``
+      (their lrs are kept; see ``_decay_groups``);
     - the training loss is ``compressor.loss(task_loss, inputs=inputs, outputs=outputs)``
       (evaluation losses are the plain task loss);
     - a :class:`LowRankCallback` is registered (``self.lowrank_callback``); after ``train()``
@@ -223,19 +226,7 @@ class LowRankTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
-        given = list(self.compressor.parameters())
-        if given and all(isinstance(g, dict) for g in given):
-            groups = [{"weight_decay": self.args.weight_decay, **g} for g in given]
-        else:
-            decay_names = set(self.get_decay_parameter_names(opt_model))
-            name_of = {id(p): n for n, p in opt_model.named_parameters()}
-            decay, no_decay = [], []
-            for p in given:
-                name = name_of.get(id(p))
-                (decay if p.ndim >= 2 and (name is None or name in decay_names) else no_decay).append(p)
-            groups = [{"params": decay, "weight_decay": self.args.weight_decay},
-                      {"params": no_decay, "weight_decay": 0.0}]
-            groups = [g for g in groups if g["params"]]
+        groups = self._decay_groups(opt_model, list(self.compressor.parameters()))
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
@@ -248,6 +239,36 @@ class LowRankTrainer(Trainer):
                              f"compressor.parameters()")
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _decay_groups(self, opt_model, given: list) -> list[dict]:
+        """``compressor.parameters()`` (Parameters or group dicts) as optimizer groups with weight decay on the
+        matrices only.
+
+        A plain group (keys ``params``, ``lr`` and the :data:`OTHER_GROUP` mark at most) becomes two, its
+        matrices (``ndim >= 2`` and not excluded by ``get_decay_parameter_names``) at ``args.weight_decay``
+        and the rest at 0, both with the group's other keys and kept when empty, so the group layout never
+        depends on which parameters a group holds when the optimizer is built (a resumed run builds it on
+        the compacted model). A group that sets its own ``weight_decay`` or carries a method's mark (ACIP's
+        scores, which gain parameters during the run) is kept whole, at ``args.weight_decay`` unless it sets one.
+        """
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        name_of = {id(p): n for n, p in opt_model.named_parameters()}
+
+        def decays(p) -> bool:
+            name = name_of.get(id(p))
+            return p.ndim >= 2 and (name is None or name in decay_names)
+
+        if not given or not isinstance(given[0], dict):
+            given = [{"params": given}]
+        groups = []
+        for group in given:
+            params = list(group["params"])
+            if "weight_decay" in group or set(group) - {"params", "lr", OTHER_GROUP}:
+                groups.append({"weight_decay": self.args.weight_decay, **group, "params": params})
+                continue
+            groups.append({**group, "params": [p for p in params if decays(p)], "weight_decay": self.args.weight_decay})
+            groups.append({**group, "params": [p for p in params if not decays(p)], "weight_decay": 0.0})
+        return groups
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # a copy: Trainer.compute_loss pops "labels" when a compute_loss_func is set, the compressor may need them

@@ -24,6 +24,7 @@ import lrcomp  # noqa: E402
 from lrcomp.integrations import LowRankCallback, make_trainer  # noqa: E402
 from lrcomp.integrations.trainer import COMPRESSOR_CHECKPOINT_NAME  # noqa: E402
 from lrcomp.layers import LowRankLinear  # noqa: E402
+from lrcomp.methods.compressor import OTHER_GROUP  # noqa: E402
 
 HAS_FRAMEWORK = hasattr(lrcomp, "Compressor")
 needs_framework = pytest.mark.skipif(not HAS_FRAMEWORK, reason="lrcomp.Compressor does not exist yet")
@@ -139,7 +140,8 @@ def test_stub_trainer_drives_every_hook(tmp_path):
     torch.manual_seed(0)
     model = TinyClassifier()
     comp = StubCompressor(model, BUDGET)
-    trainer = make_trainer(model, comp, training_args(tmp_path, gradient_accumulation_steps=2), ToyDataset())
+    trainer = make_trainer(model, comp, training_args(tmp_path, gradient_accumulation_steps=2, weight_decay=0.1),
+                           ToyDataset())
     frozen_before = model.up.bias.detach().clone()
     trainer.train()  # no manual call of attach / loss / step / finalize
     cb = trainer.lowrank_callback
@@ -152,15 +154,40 @@ def test_stub_trainer_drives_every_hook(tmp_path):
     held = {id(p) for g in comp.optimizer.param_groups for p in g["params"]}
     assert held == comp.params_at_attach  # (finalize has since replaced the targeted layers)
     assert torch.equal(model.up.bias.detach(), frozen_before)  # not in compressor.parameters(): untouched
-    # weight decay only on matrices
-    for group in comp.optimizer.param_groups:
-        if group["weight_decay"] > 0:
-            assert all(p.ndim >= 2 for p in group["params"])
+    # weight decay on the matrices, none on the biases
+    decay = {g["weight_decay"]: {p.ndim for p in g["params"]} for g in comp.optimizer.param_groups}
+    assert decay == {0.1: {2}, 0.0: {1}}
     # finalized at the budget, and the trainer holds the final model
     assert cb.final_model is not None and trainer.model is cb.final_model
     now, dense = target_params(trainer.model)
     assert now <= BUDGET * dense
     assert isinstance(trainer.model.mid, LowRankLinear)
+
+
+class GroupStub(StubCompressor):
+    """parameters() as group dicts: the head in a plain group at its own lr (as config.other_lr makes it), the
+    targeted layers in a group that carries a method's mark."""
+
+    def parameters(self):
+        m = self.model
+        return [{"params": [m.up.weight, m.mid.weight, m.mid.bias], "lr": 0.5, "method_mark": True},
+                {"params": [m.classifier.weight, m.classifier.bias], "lr": 0.25, OTHER_GROUP: True}]
+
+
+def test_group_dicts_keep_their_lr_and_a_plain_group_still_spares_biases_from_decay(tmp_path):
+    model = TinyClassifier()
+    comp = GroupStub(model, BUDGET)
+    trainer = make_trainer(model, comp, training_args(tmp_path, max_steps=2, weight_decay=0.1), ToyDataset(),
+                           lowrank_callback=LowRankCallback(comp, finalize=False))
+    trainer.train()
+    groups = [(g["lr"] if "initial_lr" not in g else g["initial_lr"], g["weight_decay"], bool(g.get(OTHER_GROUP)),
+               [tuple(p.shape) for p in g["params"]]) for g in comp.optimizer.param_groups]
+    m = model
+    assert groups == [
+        (0.5, 0.1, False, [tuple(m.up.weight.shape), tuple(m.mid.weight.shape), tuple(m.mid.bias.shape)]),  # whole
+        (0.25, 0.1, True, [tuple(m.classifier.weight.shape)]),
+        (0.25, 0.0, True, [tuple(m.classifier.bias.shape)]),
+    ]
 
 
 def test_penalty_reaches_the_gradients(tmp_path):
