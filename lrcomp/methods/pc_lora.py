@@ -14,7 +14,8 @@ loss plus feature distillation of every targeted layer's output to the frozen de
 At the end only ``B``, ``A`` (and the biases) remain.
 
 Rank: the paper uses one rank ``q`` for every layer. Here ``q`` (option ``rank``, default None)
-is the largest single rank whose final cost fits the budget over the targeted layers:
+is the largest single rank whose final cost fits the budget over the targeted layers (or, with
+``allocation="global"``, not in the paper, each layer's rank comes from the global allocator):
 
     q = max { q : q * sum_l (K_l + N_l) <= budget * sum_l K_l N_l }
 
@@ -39,13 +40,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lrcomp.compression.allocate import allocate_ranks
+from lrcomp.compression.cost import break_even_rank, resolve_cost_table
 from lrcomp.compression.factorizations import factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
-from lrcomp.methods.base import JointMethod
+from lrcomp.methods.base import JointMethod, factor_cost
 from lrcomp.methods.schedules import decay
 
 PC_LORA_SCHEDULES = ("linear", "cosine", "sine")
 PC_LORA_INITS = ("lora", "svd", "svd_llm")
+PC_LORA_ALLOCATIONS = ("uniform", "global")
 
 
 @dataclasses.dataclass
@@ -61,6 +65,10 @@ class PCLoRAOptions:
             "sine" ``1 - sin(pi p / 2)`` (the three decay functions the paper compares).
         init: "lora" (B = 0, A Kaiming-uniform, as LoRA and the paper), "svd" (B A = truncated SVD of W0) or
             "svd_llm" (B A = SVD-LLM's whitened truncation of W0; needs calibration data).
+        allocation: "uniform" (one rank for every layer, as the paper) or "global" (not in the paper: each
+            layer's rank from the global allocator :func:`lrcomp.allocate_ranks` on the whitened singular
+            values, under ``CompressionConfig.cost`` / ``min_rank``; needs calibration data; a layer it keeps
+            dense gets the break-even rank, which costs its dense weights and ends as an ``nn.Linear``).
     """
 
     rank: int | None = None
@@ -71,6 +79,7 @@ class PCLoRAOptions:
     schedule: str = "cosine"
     # LoRA initialisation (Hu et al. 2021), as in the paper: the run starts exactly at the dense model.
     init: str = "lora"
+    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
@@ -83,6 +92,10 @@ class PCLoRAOptions:
             raise ValueError(f"schedule must be one of {PC_LORA_SCHEDULES}, got {self.schedule!r}")
         if self.init not in PC_LORA_INITS:
             raise ValueError(f"init must be one of {PC_LORA_INITS}, got {self.init!r}")
+        if self.allocation not in PC_LORA_ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {PC_LORA_ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation == "global" and self.rank is not None:
+            raise ValueError(f"rank={self.rank} sets one rank for every layer: it needs allocation='uniform'")
 
 
 def uniform_rank(shapes: list[tuple[int, int]], budget: float) -> int:
@@ -106,7 +119,8 @@ class PCLoRA(JointMethod):
 
     def __init__(self, compressor) -> None:
         super().__init__(compressor)
-        if self.options.init == "svd_llm":  # instance attribute: the Compressor reads it after __init__
+        if self.options.init == "svd_llm" or self.options.allocation == "global":
+            # instance attribute: the Compressor reads it after __init__
             self.needed_stats = ("input_cov",)
         self.lam = 1.0
         self.ranks: dict[str, int] = {}
@@ -127,13 +141,25 @@ class PCLoRA(JointMethod):
         model, opts = self.model, self.options
         linears = {n: model.get_submodule(n) for n in self.comp.targets}
         shapes = [(m.in_features, m.out_features) for m in linears.values()]
-        budget = self.comp.config.budget
-        q = uniform_rank(shapes, budget) if opts.rank is None else opts.rank
-        ranks = {n: min(q, m.in_features, m.out_features) for n, m in linears.items()}
-        cost = sum(r * (m.in_features + m.out_features) for r, m in zip(ranks.values(), linears.values(), strict=True))
+        config = self.comp.config
+        budget = config.budget
+        if opts.allocation == "global":
+            alloc = allocate_ranks(model, budget, stats=stats, score="whitened", cost=config.cost,
+                                   cost_table=resolve_cost_table(config.cost_table), min_rank=config.min_rank,
+                                   target_modules=self.comp._exact())
+            ranks = {n: alloc[n] if n in alloc else min(m.in_features, m.out_features,
+                                                       break_even_rank(m.in_features, m.out_features))
+                     for n, m in linears.items()}
+            what = f"the {config.cost} allocation"
+        else:
+            q = uniform_rank(shapes, budget) if opts.rank is None else opts.rank
+            ranks = {n: min(q, m.in_features, m.out_features) for n, m in linears.items()}
+            what = f"rank={q}"
+        cost = sum(factor_cost(m.in_features, m.out_features, ranks[n]) for n, m in linears.items())
         if cost > budget * self.comp.total_cost:
-            raise ValueError(f"rank={q} keeps {cost / self.comp.total_cost:.4f} of the targeted weights, over "
-                             f"budget={budget:g}; the largest rank within the budget is {uniform_rank(shapes, budget)}")
+            raise ValueError(f"{what} keeps {cost / self.comp.total_cost:.4f} of the targeted weights, over "
+                             f"budget={budget:g}; the largest single rank within the budget is "
+                             f"{uniform_rank(shapes, budget)}")
         self.ranks = ranks
         for name, linear in linears.items():
             layer = self._adapter(linear, ranks[name], None if stats is None else stats[name])

@@ -12,6 +12,7 @@ from toy import HID, IN, small_data, small_mlp
 
 import lrcomp
 from lrcomp.compression.config import CompressionConfig
+from lrcomp.compression.cost import break_even_rank
 from lrcomp.compression.factorizations import factorize
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.methods.compressor import Compressor
@@ -197,6 +198,32 @@ def test_svd_llm_init_is_the_whitened_truncation():
         Compressor(_pretrained(), config)
 
 
+@pytest.mark.parametrize("budget", [0.8, 0.3])
+def test_global_allocation_takes_the_allocators_ranks_and_ends_within_budget(budget):
+    x, _ = small_data(256, 5)
+    calib = [x[i:i + 64] for i in range(0, 256, 64)]
+    model = _pretrained()
+    config = CompressionConfig(method="pc_lora", budget=budget, total_steps=100, target_modules=["0", "2"],
+                               method_options={"allocation": "global"})
+    comp = Compressor(model, config, calib_data=calib)
+    stats = lrcomp.calibrate(_pretrained(), calib, stats=("input_cov",), target_modules=["0", "2"], progress=False)
+    alloc = lrcomp.allocate_ranks(_pretrained(), budget, stats=stats, score="whitened", target_modules=["0", "2"])
+    got = {n: model.get_submodule(n).rank for n in comp.targets}
+    # the allocator's rank, or for a layer it keeps dense the break-even rank (which costs the dense weights)
+    want = {n: alloc[n] if n in alloc else break_even_rank(model.get_submodule(n).in_features,
+                                                           model.get_submodule(n).out_features)
+            for n in comp.targets}
+    assert got == want
+    q = uniform_rank([(IN, HID), (HID, HID)], budget)
+    assert set(got.values()) != {q}  # not the single rank of the paper
+    opt = torch.optim.AdamW(comp.parameters(), lr=5e-3)
+    comp.attach(opt)
+    _train(model, comp, opt, 100)
+    final = comp.finalize()
+    assert comp.kept_cost() <= budget * comp.total_cost
+    assert _accuracy(final) > 0.8  # chance is 0.25
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     steps, k = 30, 13
     options = {"decay_ratio": 0.5}
@@ -245,6 +272,12 @@ def test_bad_options():
         _build(options={"lam": 0.5})
     with pytest.raises(ValueError, match="rank=40"):
         _build(budget=0.3, options={"rank": 40})
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        PCLoRAOptions(allocation="greedy")
+    with pytest.raises(ValueError, match="needs allocation='uniform'"):
+        PCLoRAOptions(allocation="global", rank=4)
+    with pytest.raises(ValueError, match="needs calibration statistics"):
+        _build(options={"allocation": "global"})
 
 
 def test_registered():
