@@ -58,14 +58,12 @@ METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "acip_per_budget", "pc_lor
 # validation, seed 0, lr 5e-4: 0.749 / 0.691 at 0.5 / 0.3 against 0.704 / 0.696 factoring at step 0), alone
 # and with the bases trained after the factorisation. ACIP: without other_lr too (the parameters outside the
 # targeted layers at the run's lr, as in the paper; the bench's default trains them at the dense lr 1e-4).
-# PC-LoRA with ranks from the global allocator too (allocation="global", not in the paper), both inits.
 # PC-LoRA, JACTUS and LPAF with other_lr too (the parameters outside the targeted layers at the dense lr,
 # while the method trains at 5e-4 or 2e-3), for each of their other options. A candidate whose other_lr is
 # its lr is the same run as the one without other_lr and is made once (see run_key).
 _DENSE_LR = DEFAULT_METHOD_LR["dense"]
 EXTRA_OPTIONS: dict[str, list[dict]] = {
-    "pc_lora": [{}, {"init": "svd_llm", "other_lr": _DENSE_LR}, {"other_lr": _DENSE_LR},
-                {"init": "svd_llm", "allocation": "global"}, {"allocation": "global"}],
+    "pc_lora": [{}, {"init": "svd_llm", "other_lr": _DENSE_LR}, {"other_lr": _DENSE_LR}],
     "jactus": [{"warmup_frac": 0.5}, {"warmup_frac": 0.5, "train_bases": True},
                *({**o, "other_lr": _DENSE_LR} for o in ({}, {"warmup_frac": 0.5},
                                                          {"warmup_frac": 0.5, "train_bases": True}))],
