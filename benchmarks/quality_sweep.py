@@ -60,7 +60,8 @@ METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "acip_per_budget", "pc_lor
 # targeted layers at the run's lr, as in the paper; the bench's default trains them at the dense lr 1e-4).
 # PC-LoRA, JACTUS and LPAF with other_lr too (the parameters outside the targeted layers at the dense lr,
 # while the method trains at 5e-4 or 2e-3), for each of their other options. A candidate whose other_lr is
-# its lr is the same run as the one without other_lr and is made once (see run_key).
+# its lr is the same run as the one without other_lr and is made once (see run_key). PC-LoRA's
+# allocation="global" is not tried: it lost on validation wherever it was tried (seed 0; see the README).
 _DENSE_LR = DEFAULT_METHOD_LR["dense"]
 EXTRA_OPTIONS: dict[str, list[dict]] = {
     "pc_lora": [{}, {"init": "svd_llm", "other_lr": _DENSE_LR}, {"other_lr": _DENSE_LR}],
