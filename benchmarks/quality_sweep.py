@@ -6,7 +6,9 @@ Phase A (selection): every candidate (method, lr, options) runs once per budget 
 accuracy on a validation split carved out of the training texts (``bench_quality.py --eval-split val``);
 the test set is not looked at. Each
 (method, budget) keeps its best candidate (ties: the smaller lr). With ``--extend-edges N``, a cell whose
-best lr is the largest (smallest) of the grid gets one more lr above (below) it, up to N rounds. The
+best lr is the largest (smallest) of the grid gets one more lr above (below) it, up to N rounds. With
+``--confirm-seeds``, the candidates within ``--confirm-margin`` of their cell's best also run on those
+seeds, and the cell chooses among them by the mean over all their seeds. The
 baselines are tuned the same way as the joint methods. ACIP's one run (trained to the smallest budget,
 every budget materialised from it) takes ACIP's choice at the smallest budget, and also trains at the
 larger ones (``bench_quality.one_run_options``); ``acip_per_budget`` takes ACIP's choice at each.
@@ -154,6 +156,17 @@ def _method_lrs(values: list[str]) -> dict[str, list[float]]:
     return out
 
 
+def near_best(candidates: list[dict], margin: float) -> list[dict]:
+    """The scored candidates within ``margin`` of the best validation accuracy of their (method, budget)."""
+    best: dict[tuple, float] = {}
+    for c in candidates:
+        if c["val_acc"] is not None:
+            cell = (c["method"], c["budget"])
+            best[cell] = max(best.get(cell, c["val_acc"]), c["val_acc"])
+    return [c for c in candidates
+            if c["val_acc"] is not None and c["val_acc"] >= best[(c["method"], c["budget"])] - margin]
+
+
 def edge_candidates(candidates: list[dict]) -> list[tuple]:
     """One more lr beyond the grid's edge for every (method, options, budget) whose best lr is at an edge.
 
@@ -193,6 +206,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--val-seeds", type=int, nargs="+", default=[0],
                         help="seeds of every phase-A candidate; it is judged by their mean validation accuracy")
+    parser.add_argument("--confirm-seeds", type=int, nargs="+", default=[],
+                        help="more validation seeds for the candidates within --confirm-margin of their "
+                             "(method, budget)'s best: that cell then chooses among them by the mean over all "
+                             "their seeds (cuts the selection noise of few seeds at the cost of those runs only)")
+    parser.add_argument("--confirm-margin", type=float, default=0.02, metavar="ACC",
+                        help="validation accuracy below a cell's best within which a candidate is confirmed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--parallel", type=int, default=1, help="processes at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -211,6 +230,10 @@ def main(argv=None) -> int:
         parser.error("--parallel must be >= 1")
     if args.extend_edges < 0:
         parser.error("--extend-edges must be >= 0")
+    if not args.confirm_margin >= 0:
+        parser.error("--confirm-margin must be >= 0")
+    if set(args.confirm_seeds) & set(args.val_seeds):
+        parser.error("--confirm-seeds must not repeat a seed of --val-seeds")
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; known: {METHODS}")
@@ -228,6 +251,7 @@ def main(argv=None) -> int:
     sweep_budgets = sorted(set(args.sweep_budgets or budgets), reverse=True)
     sweep_dir, grid_dir = args.workdir / "sweep", args.workdir / "grid"
     val_seeds = sorted(set(args.val_seeds))
+    confirm_seeds = sorted(set(args.confirm_seeds))
 
     def known_runs() -> dict[str, dict]:
         """Every finished run: the --reuse files, then this work folder (the later line wins)."""
@@ -243,8 +267,38 @@ def main(argv=None) -> int:
 
     def add(m: str, b: float | None, lr: float, options: dict) -> None:
         candidates.append({"method": m, "budget": b, "lr": lr, "options": options,
-                           "name": f"{m}_b{b}_lr{lr:g}_{len(candidates)}",
+                           "name": f"{m}_b{b}_lr{lr:g}_{len(candidates)}", "seeds": list(val_seeds),
                            "keys": [run_key(m, b, lr, options, seed, "val", shape) for seed in val_seeds]})
+
+    def run_missing(stage: str, suffix: str, deadline: float) -> None:
+        """Run every candidate's validation seeds that no run line holds yet (``suffix``: of the job names)."""
+        done = known_runs()
+        jobs, scheduled = [], set()
+        for c in candidates:
+            missing = [seed for seed, key in zip(c["seeds"], c["keys"], strict=True)
+                       if key not in done and key not in scheduled]
+            name = c["name"] + suffix
+            if not missing or name in codes:
+                continue
+            scheduled.update(c["keys"])  # a candidate that is the same run (see run_key) waits for this one
+            argv_c = [*base, "--methods", c["method"], "--seeds", *map(str, missing),
+                      "--budgets", str(c["budget"] or 0.5),
+                      "--eval-split", "val", "--method-lr", f"{c['method']}={c['lr']}",
+                      "--method-options", f"{c['method']}={json.dumps(c['options'])}",
+                      "--runs-jsonl", str(sweep_dir / f"{name}.jsonl"), "--out", str(sweep_dir / f"{name}.json")]
+            jobs.append((name, argv_c))
+        print(f"{stage}: {len(candidates)} candidates, {len(candidates) - len(jobs)} already run, {len(jobs)} to run, "
+              f"{args.parallel} at a time", flush=True)
+        codes.update(run_pool(jobs, args.parallel, deadline, sweep_dir / "logs"))
+        done = known_runs()
+        for c in candidates:
+            runs = [done.get(key) for key in c["keys"]]
+            c["val_accs"] = [r["acc"] if r else None for r in runs]
+            # the mean over the candidate's validation seeds; None unless every seed finished
+            c["val_acc"] = statistics.fmean(c["val_accs"]) if all(runs) else None
+            c["exit"] = codes.get(c["name"], "reused" if all(runs) else None)  # reused: among the runs made before
+            c["device"] = ", ".join(sorted({r.get("device_name") or r.get("device") for r in runs if r})) or None
+            c["wall_s"] = sum(r["wall_s"] for r in runs if r) if any(runs) else None  # reused runs count too
 
     # an alias (acip_per_budget) is its base method: it takes the base method's choices
     for m in dict.fromkeys(ALIASES.get(m, m) for m in args.methods):
@@ -255,33 +309,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     codes: dict[str, int | None] = {}
     for round_ in range(args.extend_edges + 1):
-        done = known_runs()
-        jobs, scheduled = [], set()
-        for c in candidates:
-            missing = [seed for seed, key in zip(val_seeds, c["keys"], strict=True)
-                       if key not in done and key not in scheduled]
-            if not missing or c["name"] in codes:
-                continue
-            scheduled.update(c["keys"])  # a candidate that is the same run (see run_key) waits for this one
-            argv_c = [*base, "--methods", c["method"], "--seeds", *map(str, missing),
-                      "--budgets", str(c["budget"] or 0.5),
-                      "--eval-split", "val", "--method-lr", f"{c['method']}={c['lr']}",
-                      "--method-options", f"{c['method']}={json.dumps(c['options'])}",
-                      "--runs-jsonl", str(sweep_dir / f"{c['name']}.jsonl"),
-                      "--out", str(sweep_dir / f"{c['name']}.json")]
-            jobs.append((c["name"], argv_c))
-        print(f"phase A{f' (edge round {round_})' if round_ else ''}: {len(candidates)} candidates, "
-              f"{len(candidates) - len(jobs)} already run, {len(jobs)} to run, {args.parallel} at a time", flush=True)
-        codes.update(run_pool(jobs, args.parallel, t0 + args.phase_a_s, sweep_dir / "logs"))
-        done = known_runs()
-        for c in candidates:
-            runs = [done.get(key) for key in c["keys"]]
-            c["val_accs"] = [r["acc"] if r else None for r in runs]
-            # the mean over the validation seeds; None unless every seed finished
-            c["val_acc"] = statistics.fmean(c["val_accs"]) if all(runs) else None
-            c["exit"] = codes.get(c["name"], "reused" if all(runs) else None)  # reused: among the runs made before
-            c["device"] = ", ".join(sorted({r.get("device_name") or r.get("device") for r in runs if r})) or None
-            c["wall_s"] = sum(r["wall_s"] for r in runs if r) if any(runs) else None  # reused runs count too
+        run_missing(f"phase A{f' (edge round {round_})' if round_ else ''}", "", t0 + args.phase_a_s)
         if round_ == args.extend_edges:
             break
         edges = edge_candidates(candidates)
@@ -289,16 +317,29 @@ def main(argv=None) -> int:
             break
         for m, b, lr, options in edges:
             add(m, b, lr, options)
+    # cells whose near-best candidates also ran on --confirm-seeds (one of them at least on all of them)
+    confirmed = set()
+    if confirm_seeds:
+        for c in near_best(candidates, args.confirm_margin):
+            c["seeds"] += confirm_seeds
+            c["keys"] += [run_key(c["method"], c["budget"], c["lr"], c["options"], seed, "val", shape)
+                          for seed in confirm_seeds]
+        run_missing("phase A (confirmation)", "_confirm", t0 + args.phase_a_s)
+        confirmed = {(c["method"], c["budget"]) for c in candidates
+                     if len(c["seeds"]) > len(val_seeds) and c["val_acc"] is not None}
     chosen: dict[tuple[str, float | None], dict] = {}
     for c in candidates:
+        if (c["method"], c["budget"]) in confirmed and len(c["seeds"]) == len(val_seeds):
+            continue  # a cell that was confirmed chooses among its confirmed candidates
         best = chosen.get((c["method"], c["budget"]))
         if c["val_acc"] is not None and (best is None or c["val_acc"] > best["val_acc"]
                                          or (c["val_acc"] == best["val_acc"] and c["lr"] < best["lr"])):
             chosen[(c["method"], c["budget"])] = c
     phase_a_s = time.monotonic() - t0
-    fields = ("method", "budget", "lr", "options", "val_acc", "val_accs", "exit", "device", "wall_s")
+    fields = ("method", "budget", "lr", "options", "seeds", "val_acc", "val_accs", "exit", "device", "wall_s")
     selection = {"sweep_budgets": sweep_budgets, "lrs": args.lrs, "method_lrs": method_lrs, "phase_a_s": phase_a_s,
                  "extend_edges": args.extend_edges, "val_seeds": val_seeds,
+                 "confirm_seeds": confirm_seeds, "confirm_margin": args.confirm_margin,
                  "reused_from": [str(p) for p in args.reuse],
                  "candidates": [{k: c[k] for k in fields} for c in candidates],
                  "chosen": [{k: c[k] for k in fields if k not in ("exit", "device", "wall_s")}

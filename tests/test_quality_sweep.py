@@ -184,3 +184,28 @@ def test_a_candidate_whose_other_lr_is_its_lr_is_made_once(tmp_path, fake_bench,
     cands = json.loads((tmp_path / "q_selection.json").read_text())["meta"]["candidates"]
     at_1e4 = [c for c in cands if c["lr"] == 1e-4]
     assert len(cands) == 4 and len(at_1e4) == 2 and at_1e4[0]["val_acc"] == at_1e4[1]["val_acc"] is not None
+
+
+def test_confirmation_seeds_rerun_the_near_best_and_can_overturn_the_choice(tmp_path, fake_bench, monkeypatch):
+    # seq_svd at 0.8: lr 1e-4 wins seed 0 (0.7); lr 5e-4 is made a close second there (0.695) and the better
+    # one on the confirmation seeds (0.75 against 0.701 / 0.702)
+    script = fake_bench.with_name("fake_bench.py")
+    line = "        acc = 0.6 + (0.1 if BEST[base][judged] == lr else 0.0) + 0.001 * seed\n"
+    assert line in script.read_text()
+    close_second = ("        if base == 'seq_svd' and b == 0.8 and lr == 5e-4:\n"
+                    "            acc = 0.695 if seed == 0 else 0.75\n")
+    script.write_text(script.read_text().replace(line, line + close_second))
+    argv = ["--methods", "seq_svd", "--lrs", "1e-4", "5e-4", "2e-3", "--budgets", "0.8", "0.3", "--seeds", "0",
+            "--selection-only", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "q.json")]
+    confirm_args = ["--confirm-seeds", "1", "2", "--confirm-margin", "0.01"]
+    assert quality_sweep.main([*argv, *confirm_args, "--", "--steps", "7"]) == 0
+    confirm = [c for c in _calls(fake_bench) if c["seeds"] == ["1", "2"]]
+    # only the two candidates within 0.01 of the best at 0.8 (0.7 and 0.695) and the best at 0.3 ran again
+    assert sorted((c["budgets"][0], c["lr"]) for c in confirm) == [(0.3, 5e-4), (0.8, 1e-4), (0.8, 5e-4)]
+    meta = json.loads((tmp_path / "q_selection.json").read_text())["meta"]
+    picks = {c["budget"]: (c["lr"], c["val_accs"]) for c in meta["chosen"]}
+    assert picks[0.8][0] == 5e-4 and picks[0.8][1] == pytest.approx([0.695, 0.75, 0.75])  # overturned
+    assert picks[0.3][0] == 5e-4 and len(picks[0.3][1]) == 3
+    assert meta["confirm_seeds"] == [1, 2]
+    with pytest.raises(SystemExit):
+        quality_sweep.main([*argv, "--confirm-seeds", "0"])  # a seed of --val-seeds
