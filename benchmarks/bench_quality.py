@@ -81,8 +81,8 @@ CONFIG_KEYS = ("feature_weight", "distill_weight", "distill_temperature", "other
 # --method-lr overrides them.
 DEFAULT_METHOD_LR = {"dense": 1e-4, "seq_svd": 1e-4, "seq_svd_llm": 1e-4, "acip": 2e-3, "pc_lora": 5e-4,
                      "tunecomp": 1e-4, "jactus": 5e-4, "lpaf": 5e-4}
-# other_lr of a one-run method (see one_run_options) and of ACIP's default options: the dense fine-tune's lr
-ONE_RUN_OTHER_LR = DEFAULT_METHOD_LR["dense"]
+# other_lr the bench and the sweep give (a one-run method, ACIP's default options, the sweep's candidates): the dense lr
+DENSE_OTHER_LR = DEFAULT_METHOD_LR["dense"]
 # Method options the bench uses unless --method-options says otherwise (the choices at 0.5, with the lrs above):
 # ACIP on whitened (SVD-LLM) factors, which the calibration batches make possible here (3 seeds, one run, lr
 # 5e-4: 0.687 / 0.689 / 0.691 at 0.8 / 0.5 / 0.3, against 0.635 / 0.634 / 0.682 with the plain SVD of the paper;
@@ -90,7 +90,7 @@ ONE_RUN_OTHER_LR = DEFAULT_METHOD_LR["dense"]
 # truncation (not in the paper; the paper's LoRA init is options {}); LPAF pruning by first-order scores (its
 # library default; named so that runs record it). ACIP also with the parameters outside the targeted layers at
 # the dense lr (CompressionConfig.other_lr; chosen at 0.8 and 0.5, see one_run_options).
-DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm", "other_lr": ONE_RUN_OTHER_LR}, "pc_lora": {"init": "svd_llm"},
+DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm", "other_lr": DENSE_OTHER_LR}, "pc_lora": {"init": "svd_llm"},
                           "lpaf": {"prune_score": "first_order"}}
 DATA_SEED = 1234  # fixes the train/test split, independent of the run seeds
 # Seconds per training step of the joint methods relative to a dense step, used only for the
@@ -296,7 +296,7 @@ def method_options(args, name: str, budgets: list[float] | None = None) -> dict:
 def one_run_options(name: str, options: dict, budgets: list[float] | None) -> dict:
     """``options`` of a one-run method that serves several ``budgets``: ACIP's one run also trains at the larger
     budgets it materialises (option ``curve_budgets``, not in the paper) and trains the parameters outside the
-    targeted layers at ``ONE_RUN_OTHER_LR`` (``CompressionConfig.other_lr``), each unless ``options`` set it.
+    targeted layers at ``DENSE_OTHER_LR`` (``CompressionConfig.other_lr``), each unless ``options`` set it.
 
     Both chosen on validation of the one run itself (seeds 0-2, lr 2e-3). curve_budgets: mean over 0.8 / 0.5 /
     0.3 0.736 against 0.733 without (raw/quality_cpu_val_acip_curve.jsonl). other_lr 1e-4 (with curve_budgets):
@@ -304,7 +304,7 @@ def one_run_options(name: str, options: dict, budgets: list[float] | None) -> di
     sweep's per-budget candidates (seed 0) agreed at 0.8 and 0.5 (0.762 / 0.740 against 0.749 / 0.738) and not
     at 0.3 (0.709 against 0.736), the budget the one run's lr and basis come from."""
     if name in ONE_RUN_ALL_BUDGETS and budgets and len(set(budgets)) > 1:
-        extra = {"curve_budgets": sorted(set(budgets) - {min(budgets)}, reverse=True), "other_lr": ONE_RUN_OTHER_LR}
+        extra = {"curve_budgets": sorted(set(budgets) - {min(budgets)}, reverse=True), "other_lr": DENSE_OTHER_LR}
         return {**extra, **options}
     return options
 

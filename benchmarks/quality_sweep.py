@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import utils  # noqa: E402
 from bench_quality import (  # noqa: E402
     ALIASES,
-    DEFAULT_METHOD_LR,
     DEFAULT_METHOD_OPTIONS,
+    DENSE_OTHER_LR,
     ONE_RUN_ALL_BUDGETS,
     one_run_options,
 )
@@ -64,14 +64,13 @@ METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "acip_per_budget", "pc_lor
 # while the method trains at 5e-4 or 2e-3), for each of their other options. A candidate whose other_lr is
 # its lr is the same run as the one without other_lr and is made once (see run_key). PC-LoRA's
 # allocation="global" is not tried: it lost on validation wherever it was tried (seed 0; see the README).
-_DENSE_LR = DEFAULT_METHOD_LR["dense"]
 EXTRA_OPTIONS: dict[str, list[dict]] = {
-    "pc_lora": [{}, {"init": "svd_llm", "other_lr": _DENSE_LR}, {"other_lr": _DENSE_LR}],
+    "pc_lora": [{}, {"init": "svd_llm", "other_lr": DENSE_OTHER_LR}, {"other_lr": DENSE_OTHER_LR}],
     "jactus": [{"warmup_frac": 0.5}, {"warmup_frac": 0.5, "train_bases": True},
-               *({**o, "other_lr": _DENSE_LR} for o in ({}, {"warmup_frac": 0.5},
+               *({**o, "other_lr": DENSE_OTHER_LR} for o in ({}, {"warmup_frac": 0.5},
                                                          {"warmup_frac": 0.5, "train_bases": True}))],
     "acip": [{"basis": "svd_llm"}],
-    "lpaf": [{**DEFAULT_METHOD_OPTIONS["lpaf"], "other_lr": _DENSE_LR}],
+    "lpaf": [{**DEFAULT_METHOD_OPTIONS["lpaf"], "other_lr": DENSE_OTHER_LR}],
 }
 
 

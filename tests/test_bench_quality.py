@@ -47,7 +47,7 @@ def test_table_cell_signs_the_difference_but_not_its_std():
 def test_acips_one_run_trains_at_every_budget_it_materialises_unless_told():
     options = bench_quality.one_run_options
     assert options("acip", {"basis": "svd_llm"}, [0.3, 0.8, 0.5]) == {
-        "basis": "svd_llm", "curve_budgets": [0.8, 0.5], "other_lr": bench_quality.ONE_RUN_OTHER_LR}
+        "basis": "svd_llm", "curve_budgets": [0.8, 0.5], "other_lr": bench_quality.DENSE_OTHER_LR}
     assert options("acip", {"curve_budgets": [], "other_lr": 5e-4}, [0.8, 0.3]) == {  # set explicitly
         "curve_budgets": [], "other_lr": 5e-4}
     assert options("acip", {}, [0.5]) == {} and options("acip", {}, None) == {}
