@@ -48,10 +48,12 @@ LAYOUTS = {
         ("rel_err_max", "layer err max", ".3f"), ("cos_mean", "cos mean", ".3f"), ("cos_min", "cos min", ".3f"),
         ("t_dense_ms", "dense (ms)", ".1f"), ("t_lowrank_ms", "compressed (ms)", ".1f"),
         ("speed_ratio", "time ratio", ".3f"), ("speed_ratio_min", "ratio of minima", ".3f")]),
-    "quality_selection": ("Quality, phase A: every candidate (method, budget, lr, options), seed 0, accuracy on a "
-                          "validation split carved out of the training texts", [
+    "quality_selection": ("Quality, phase A: every candidate (method, budget, lr, options), accuracy on a "
+                          "validation split carved out of the training texts (seed 0; the mean over seeds 0-2 for "
+                          "the candidates within the confirmation margin of their cell's best)", [
         ("method", "method", ""), ("budget", "budget", ".2f"), ("lr", "lr", "g"), ("options", "options", ""),
-        ("val_acc", "val accuracy", ".3f"), ("exit", "run", ""), ("wall_s", "run time (s)", ".0f"),
+        ("seeds", "seeds", ""), ("val_acc", "val accuracy", ".3f"), ("exit", "run", ""),
+        ("wall_s", "run time (s, all seeds)", ".0f"),
         ("device", "device", "")]),
     "quality": ("Quality: MiniLM fine-tuned on fortune categories, test accuracy at a budget of the encoder "
                 "linears (dense FT, fine-tune -> compress -> fine-tune, joint methods; same total steps)",
@@ -80,6 +82,8 @@ def _cell(value, fmt: str) -> str:
         return "–"
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items()) or "–"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "–"
     if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             return format(value, fmt)

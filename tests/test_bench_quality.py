@@ -44,6 +44,12 @@ def test_table_cell_signs_the_difference_but_not_its_std():
     assert make_tables._value({"vs_seq_mean": None}, ("vs_seq_mean", "vs_seq_std"), "+.3f") == "–"
 
 
+def test_table_cell_lists_the_seeds_a_candidate_was_judged_on():
+    assert make_tables._value({"seeds": [0, 1, 2]}, "seeds", "") == "0 1 2"
+    assert make_tables._value({"seeds": []}, "seeds", "") == "–"
+    assert make_tables._value({}, "seeds", "") == "–"  # a selection file written before confirmation existed
+
+
 def test_acips_one_run_trains_at_every_budget_it_materialises_unless_told():
     options = bench_quality.one_run_options
     assert options("acip", {"basis": "svd_llm"}, [0.3, 0.8, 0.5]) == {
