@@ -197,7 +197,10 @@ def lowrank_linear(
         y, _ = reference.lowrank_linear_forward(x2, V, d, U, bias, dense_weight, float(dense_scale))
     else:
         y, _ = _fwd(x2, V, d, U, bias, dense_weight, float(dense_scale))
-    return y.reshape(*lead, N)
+    # A tensor of its own, not a view of y (F.linear and matmul return the same way): FSDP2 warns on every call
+    # of a module whose output is a view, since an in-place op on it would skip the module's backward hook.
+    # y is a temporary nothing else holds, so sharing its storage is safe.
+    return torch.ops.aten._unsafe_view(y, (*lead, N))
 
 
 def _is_plain_inference(x2: Tensor, *tensors: Tensor | None) -> bool:

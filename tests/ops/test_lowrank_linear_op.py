@@ -128,6 +128,21 @@ def test_gradcheck_fp64_only_some_inputs_require_grad():
     assert torch.autograd.gradcheck(lambda x_: lowrank_linear(x_, V, d, U, b), (x,), atol=1e-8)
 
 
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "nograd"])
+@pytest.mark.parametrize("lead", [(4,), (2, 3)], ids=["M4", "B2T3"])
+def test_output_is_not_a_view(lead, grad):
+    """Like F.linear, the output owns its tensor: FSDP2 warns about a module that returns a view (an in-place
+    op on it would skip the backward hook), and an in-place op on the output must still backpropagate."""
+    x, V, d, U, b, _ = make_inputs(lead, 6, 5, 4)
+    if grad:
+        V.requires_grad_()
+    y = lowrank_linear(x, V, d, U, b)
+    assert y._base is None and y.shape == (*lead, 5)
+    if grad:
+        y.mul_(2.0).sum().backward()
+        torch.testing.assert_close(V.grad, 2.0 * (d[:, None] * (U.sum(0)[:, None] * x.reshape(-1, 6).sum(0))))
+
 # ----------------------------------------------------------------------------- precision
 
 
