@@ -225,6 +225,10 @@ def _fsdp_scenarios(results, rank, out):
             call(comp)
         except ValueError as err:
             errors[key] = str(err)
+    try:  # a sharded model given to the Compressor: its targets are FSDP classes, refused at once
+        Compressor(fully_shard(pretrained_mlp(steps=60).double()), _config("acip"))
+    except ValueError as err:
+        errors["sharded_init"] = str(err)
     results["fsdp_errors"] = errors
     for method in METHODS:
         ckpt = str(out / f"fsdp_{method}.ckpt.safetensors")
@@ -340,6 +344,7 @@ def test_wrap_fsdp_refuses_what_it_cannot_follow(ranks_out):
     _, results = ranks_out
     for res in results:
         assert "plain model" in res["fsdp_errors"]["sharded"]  # the Compressor must own the sharding
+        assert "plain model" in res["fsdp_errors"]["sharded_init"]
         assert "reshard_after_forward=False" in res["fsdp_errors"]["penalty"]  # ACIP's scores after the forward
     with pytest.raises(RuntimeError, match="initialised"):
         _build("lpaf")[0].wrap_fsdp()

@@ -118,6 +118,11 @@ _REGISTRY = {
 OTHER_GROUP = "lrcomp_other"
 
 
+_SHARDED_ALREADY = ("the model is sharded by fully_shard already: give the Compressor the plain model and let "
+                    "comp.wrap_fsdp(units, **kwargs) shard it (it must re-apply the sharding after every structure "
+                    "change)")
+
+
 def split_off_other(given: list, inside: set[int], lr: float) -> list[dict]:
     """``given`` (Parameters or group dicts) as group dicts whose parameters outside ``inside`` (ids) moved to
     one last group at ``lr`` marked :data:`OTHER_GROUP`; a group that sets its own lr keeps all of its own."""
@@ -166,7 +171,8 @@ class Compressor:
     Raises:
         ValueError: unknown method (the message lists them), total_steps <= 0, no targeted layer
             (the message lists the linear layers), a budget that the targeted layers cannot
-            reach, a teacher whose outputs do not match the student's.
+            reach, a teacher whose outputs do not match the student's, a model sharded by
+            ``fully_shard`` already (give the plain model, then :meth:`wrap_fsdp`).
     """
 
     def __init__(self, model: nn.Module, config: CompressionConfig, calib_data: Iterable | None = None,
@@ -178,6 +184,8 @@ class Compressor:
         if config.method not in JOINT_METHODS:
             raise ValueError(f"Compressor runs the joint methods {JOINT_METHODS}; got method={config.method!r} "
                              f"(one-shot methods go through lrcomp.compress)")
+        if dist_utils.is_fsdp(model):  # its targets would be FSDP classes, which target selection leaves alone
+            raise ValueError(_SHARDED_ALREADY)
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
         self.model = model
@@ -366,9 +374,7 @@ class Compressor:
         if self._ddp_kwargs is not None or self._fsdp is not None:
             raise RuntimeError("the model is wrapped already (wrap_ddp or wrap_fsdp): wrap it once")
         if dist_utils.is_fsdp(self.model):
-            raise ValueError("the model is sharded by fully_shard already: give the Compressor the plain model and "
-                             "let comp.wrap_fsdp(units, **kwargs) shard it (it must re-apply the sharding after "
-                             "every structure change)")
+            raise ValueError(_SHARDED_ALREADY)
         reshard = fsdp_kwargs.get("reshard_after_forward")
         if type(self.method).penalty is not JointMethod.penalty and not (
                 reshard is False or (reshard is None and units is None)):
