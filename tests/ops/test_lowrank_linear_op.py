@@ -128,7 +128,6 @@ def test_gradcheck_fp64_only_some_inputs_require_grad():
     assert torch.autograd.gradcheck(lambda x_: lowrank_linear(x_, V, d, U, b), (x,), atol=1e-8)
 
 
-
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "nograd"])
 @pytest.mark.parametrize("lead", [(4,), (2, 3)], ids=["M4", "B2T3"])
 def test_output_is_not_a_view(lead, grad):
@@ -142,6 +141,7 @@ def test_output_is_not_a_view(lead, grad):
     if grad:
         y.mul_(2.0).sum().backward()
         torch.testing.assert_close(V.grad, 2.0 * (d[:, None] * (U.sum(0)[:, None] * x.reshape(-1, 6).sum(0))))
+
 
 # ----------------------------------------------------------------------------- precision
 
