@@ -163,7 +163,7 @@ _VALID_OPTIONS = {
     "alpha": st.sampled_from([0.5, 1.0, 2.0, 4.0]) | st.floats(0.0, 4.0), "min_scale": st.floats(1e-6, 1.0),
     "shift_eps": st.floats(1e-10, 1e-4),
     "weight_frac": st.floats(1.0, 2.0), "input_frac": st.floats(0.0, 1.0), "grad_frac": st.floats(0.0, 1.0),
-    "tol": st.floats(1e-10, 1e-6),
+    "tol": st.floats(1e-10, 1e-6), "grad_metric": st.floats(0.0, 0.5),
 }
 
 
@@ -222,6 +222,9 @@ def test_factorize_every_method_at_any_rank(case, rank_choice):
     # jactus_union's exact projection W C~ P_in C~_p^{-1} P_in^T = W amplifies the fp64 round-off of W (I - P P^T)
     # by cond(C~_p), up to 1 / shift_eps for a rank-deficient covariance (measured ~6e-16 / shift_eps).
     amplified = 1e-14 / options.get("shift_eps", METHOD_OPTIONS[method].get("shift_eps", 1.0))
+    # grad_metric = b weights the outputs by H = (1 - b) I + b G / mean eig(G): times cond(H) <= 1 + b N / (1 - b)
+    b = options.get("grad_metric", 0.0)
+    amplified *= 1.0 + b * N / (1.0 - b)
     if dtype == torch.float32:
         assert rel < 2e-6 + (amplified if method == "jactus_union" else 0.0), (method, rel)
     elif dtype == F64:

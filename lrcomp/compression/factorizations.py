@@ -69,6 +69,15 @@ Methods (``D = diag``):
   column space in ``span(P_out)``; with ``weight_frac >= 1`` the union contains plain SVD's subspaces,
   so its output error is never above svd's. Note that the union depends on r: at ``rank=None`` it is the
   whole space and the method equals svd_llm.
+
+  Option ``grad_metric`` ``b`` in [0, 1] (default 0, the above; not in the method as specified) weights the
+  output error by ``H = (1 - b) I + b G / (tr(G) / N)`` with ``G`` = grad_cov (``I`` when ``G = 0``): the
+  objective becomes ``E (W x - W_r x)^T H (W x - W_r x) = tr((W - W_r) C (W - W_r)^T H)``, the Kronecker-factored
+  (K-FAC) proxy of the loss change when only the outputs the loss is sensitive to count. With
+  ``H_p = P_out^T H P_out = R_p R_p^T`` (Cholesky, shifted like ``C_p``) the union's optimum is the SVD of
+  ``A = R_p^{-1} P_out^T H W C P_in L_p^{-T}``: ``U = P_out R_p^{-T} U'_r`` (no longer orthonormal),
+  ``V = V'_r^T L_p^{-1} P_in^T``, importance ``sigma_i^2(A)`` (the exact reduction of the weighted error;
+  ``G`` is scaled to mean eigenvalue 1, so the allocator compares layers in the units of ``b = 0``).
 """
 
 from __future__ import annotations
@@ -110,7 +119,8 @@ METHOD_OPTIONS: dict[str, dict[str, object]] = {
     "svd_llm": {"shift_eps": 1e-8},
     "fwsvd": {"min_scale": 1e-6},
     "sparsity_aware": {"importance": None, "weight_grad": None, "min_scale": 1e-6},
-    "jactus_union": {"weight_frac": 1.0, "input_frac": 0.5, "grad_frac": 0.5, "tol": 1e-8, "shift_eps": 1e-8},
+    "jactus_union": {"weight_frac": 1.0, "input_frac": 0.5, "grad_frac": 0.5, "tol": 1e-8, "shift_eps": 1e-8,
+                     "grad_metric": 0.0},
 }
 _LAYER_OPTIONS = {"mask_fn": "none", "temperature": 1.0}
 
@@ -265,12 +275,37 @@ def _jactus(W: Tensor, rank: int, stats: dict[str, Tensor], opts: dict) -> tuple
                          f"grad_frac={opts['grad_frac']})")
     CP = C @ P_in                                        # [K, m_in]
     L_p, delta = shifted_cholesky(P_in.mT @ CP, eps=opts["shift_eps"], name="input_cov projected on the union")
-    # Z L_p = P_out^T W (C + delta I) P_in C~_p^{-1} L_p = P_out^T W (C + delta I) P_in L_p^{-T}
-    G = P_out.mT @ (W @ (CP + delta * P_in))             # [m_out, m_in]
-    ZL = torch.linalg.solve_triangular(L_p.mT, G, upper=True, left=False)  # Z L_p = G L_p^{-T}: X L_p^T = G
-    u, s, vh = torch.linalg.svd(ZL, full_matrices=False)
+    beta = opts["grad_metric"]
+    if beta == 0.0:
+        PH, R_p = P_out.mT, None                         # H = I: P_out^T H = P_out^T, H_p = I
+    else:
+        H = _output_metric(stats.get("grad_cov"), beta, W.shape[0])   # [N, N]
+        PH = P_out.mT @ H                                # [m_out, N]
+        R_p, delta_h = shifted_cholesky(PH @ P_out, eps=opts["shift_eps"], name="output metric projected on the union")
+        PH = PH + delta_h * P_out.mT                     # P_out^T (H + delta_h I), as in R_p R_p^T = H_p + delta_h I
+    # A = R_p^{-1} P_out^T H W (C + delta I) P_in L_p^{-T}  (R_p = I when H = I)
+    A = PH @ (W @ (CP + delta * P_in))                   # [m_out, m_in]
+    A = torch.linalg.solve_triangular(L_p.mT, A, upper=True, left=False)  # X L_p^T = A
+    u_out = P_out
+    if R_p is not None:
+        A = torch.linalg.solve_triangular(R_p, A, upper=False)            # R_p X = A
+        u_out = torch.linalg.solve_triangular(R_p, P_out.mT, upper=False).mT  # (R_p^{-1} P_out^T)^T = P_out R_p^{-T}
+    u, s, vh = torch.linalg.svd(A, full_matrices=False)
     v_core = torch.linalg.solve_triangular(L_p, vh, upper=False, left=False)  # vh L_p^{-1}  [m, m_in]
-    return P_out @ u, s, v_core @ P_in.mT, s.square()
+    return u_out @ u, s, v_core @ P_in.mT, s.square()
+
+
+def _output_metric(grad_cov: Tensor | None, beta: float, N: int) -> Tensor:
+    """``H = (1 - beta) I + beta G / (tr(G) / N)`` [N, N] (fp64): the output-gradient covariance scaled to mean
+    eigenvalue 1, mixed with the identity; ``I`` when ``G`` is all zeros."""
+    if grad_cov is None:
+        raise ValueError("jactus_union option grad_metric > 0 weights the output error by grad_cov: pass it in stats")
+    eye = torch.eye(N, dtype=grad_cov.dtype, device=grad_cov.device)
+    mean = float(torch.diagonal(grad_cov).sum()) / N
+    if mean <= 0.0:
+        return eye
+    G = 0.5 * (grad_cov + grad_cov.mT)
+    return (1.0 - beta) * eye + (beta / mean) * G
 
 
 def _sparsity_aware(W: Tensor, stats: dict[str, Tensor], opts: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -377,6 +412,8 @@ def factorize(
     for name in ("alpha", "weight_frac", "input_frac", "grad_frac"):
         if name in opts:
             opts[name] = _check_float(name, opts[name], low=0.0)
+    if "grad_metric" in opts:
+        opts["grad_metric"] = _check_float("grad_metric", opts["grad_metric"], low=0.0, high=1.0)
 
     st = _get_stats(stats, method, K, N, weight.device)
     W = weight.to(torch.float64)

@@ -38,6 +38,11 @@ specification, trains ``U`` and ``V`` too); nothing is pruned during training, s
 fixed at the factorisation and no compaction happens; a budget counted in latency must also hold
 in parameters (the Compressor checks parameters), else the factorisation raises.
 
+Gradient-weighted output error (option ``grad_metric`` ``b``, default 0, not in the specification): the
+factorisation and the allocator's importance weigh the output error by ``(1 - b) I + b G / mean eig(G)``
+instead of ``I``, so the union's rank-r optimum keeps what moves the task loss rather than the outputs alike
+(see :mod:`lrcomp.compression.factorizations`); ``U`` is then not orthonormal, which the core does not need.
+
 Dense warm-up (option ``warmup_frac``, default 0, not in the specification): the first
 ``t_w = max(1, round(warmup_frac T))`` steps train the model dense (every target stays ``nn.Linear``);
 after step ``t_w`` the Compressor calibrates the model as it is then (``calib_data`` again, in eval mode;
@@ -85,6 +90,10 @@ class JACTUSOptions:
     # The output-gradient covariance is then taken through a trained head, and the union holds the
     # fine-tuned weight's subspaces, as the sequential baselines' factorisation does after their first half.
     warmup_frac: float = 0.0
+    # Weight of the output-gradient covariance in the metric of the output error (factorize("jactus_union")
+    # option of the same name; not in the method as specified, whose 0 weighs every output alike):
+    # H = (1 - grad_metric) I + grad_metric G / (tr(G) / N), the Kronecker-factored proxy of the loss change.
+    grad_metric: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("weight_frac", "input_frac", "grad_frac"):
@@ -101,13 +110,16 @@ class JACTUSOptions:
                     or value <= 0:
                 raise ValueError(f"jactus option {name} must be a positive number, got {value!r}")
         check_warmup_frac(self.warmup_frac, "jactus")
+        value = self.grad_metric
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"jactus option grad_metric must be a number in [0, 1], got {value!r}")
         for name in ("train_bias", "train_bases"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"jactus option {name} must be a bool, got {getattr(self, name)!r}")
 
     def union_options(self) -> dict[str, float]:
         return {"weight_frac": self.weight_frac, "input_frac": self.input_frac, "grad_frac": self.grad_frac,
-                "tol": self.tol, "shift_eps": self.shift_eps}
+                "tol": self.tol, "shift_eps": self.shift_eps, "grad_metric": self.grad_metric}
 
 
 class CoreLowRankLinear(LowRankLinear):

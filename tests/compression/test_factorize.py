@@ -448,6 +448,72 @@ def test_jactus_union_importance_is_output_error_reduction_and_grad_cov_optional
     assert float((_product(with_grad) - Wr).norm()) > 1e-6  # grad_cov enlarges the output union
 
 
+def _jactus_metric_oracle(W, C, H, P_out, P_in, r):
+    """min_A ||R^T (W - P_out A P_in^T) L||_F with H = R R^T, C = L L^T, by QR on both sides (independent route)."""
+    R, L = torch.linalg.cholesky(H), torch.linalg.cholesky(C)
+    Q1, R1 = torch.linalg.qr(R.T @ P_out)          # R^T P_out = Q1 R1
+    Q2, R2 = torch.linalg.qr((P_in.T @ L).T)       # (P_in^T L)^T = Q2 R2
+    core = _trunc(Q1.T @ (R.T @ W @ L) @ Q2, r)    # R1 A R2^T = [Q1^T B Q2]_r
+    A = torch.linalg.solve_triangular(R1, torch.linalg.solve_triangular(R2.T, core, upper=False, left=False),
+                                      upper=True)
+    return P_out @ A @ P_in.T
+
+
+def test_jactus_union_grad_metric_is_optimal_in_the_gradient_weighted_error():
+    K, N, T = 26, 20, 400
+    lin = _linear(K, N, dtype=F64)
+    W = lin.weight.detach()
+    X = _anisotropic_acts(T, K, decay=2.5)
+    G = torch.randn(T, N, dtype=F64) * torch.logspace(0, -1.5, N, dtype=F64)
+    stats = {"input_cov": X.T @ X / T, "grad_cov": G.T @ G / T}
+    C, Gc = stats["input_cov"], stats["grad_cov"]
+    r = 5
+    P_out, P_in = jactus_union_bases(W, r, C, Gc)
+    plain = _product(factorize(lin, r, method="jactus_union", stats=stats))
+    torch.testing.assert_close(_product(factorize(lin, r, method="jactus_union", stats=stats, grad_metric=0.0)),
+                               plain, rtol=0, atol=0)
+
+    def h_err(Wr, H):  # tr((W - Wr) C (W - Wr)^T H): the gradient-weighted output error per token
+        E = W - Wr
+        return float(torch.trace(E @ C @ E.T @ H))
+
+    for beta in (0.3, 1.0):
+        H = (1 - beta) * torch.eye(N, dtype=F64) + beta * Gc / (torch.trace(Gc) / N)
+        layer = factorize(lin, r, method="jactus_union", stats=stats, grad_metric=beta)
+        U = layer.U.detach()
+        assert float((U - P_out @ (P_out.T @ U)).norm() / U.norm()) < 1e-12  # still in the union
+        Wr = _product(layer)
+        oracle = _jactus_metric_oracle(W, C, H, P_out, P_in, r)
+        assert float((Wr - oracle).norm() / oracle.norm()) < 1e-9
+        # the plain solution lies in the union too, so it is never better; by G alone much worse (measured 0.48)
+        assert h_err(Wr, H) <= h_err(plain, H) * (1 + 1e-12), (beta, h_err(Wr, H), h_err(plain, H))
+        if beta == 1.0:
+            assert h_err(Wr, H) < 0.6 * h_err(plain, H), (h_err(Wr, H), h_err(plain, H))
+        # dropping directions raises the weighted error by exactly their importance
+        for keep in (r - 1, 2):
+            Wr_minus = (U[:, :keep] * layer.S.detach()[:keep]) @ layer.V.detach()[:keep]
+            assert h_err(Wr_minus, H) - h_err(Wr, H) == pytest.approx(float(layer.importance[keep:].sum()), rel=1e-6)
+        # full rank: the whole space, W back; importance = squared singular values of R^T W L
+        full = factorize(lin, None, method="jactus_union", stats=stats, grad_metric=beta)
+        R, L = torch.linalg.cholesky(H), torch.linalg.cholesky(C)
+        # round-off of W = R^{-T} (R^T W L) L^{-1}: eps_64 times the condition numbers of both weightings
+        bound = 1e-15 * float(torch.linalg.cond(R) * torch.linalg.cond(L)) * 100
+        assert float((_product(full) - W).norm() / W.norm()) < bound
+        sv = torch.linalg.svdvals(R.T @ W @ L)
+        torch.testing.assert_close(full.importance, sv.square().float(), rtol=1e-5, atol=0)
+
+
+def test_jactus_union_grad_metric_needs_grad_cov_and_a_weight_in_0_1():
+    lin = _linear(12, 10)
+    C = torch.eye(12, dtype=F64)
+    with pytest.raises(ValueError, match="grad_cov"):
+        factorize(lin, 3, method="jactus_union", stats={"input_cov": C}, grad_metric=0.5)
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="grad_metric"):
+            factorize(lin, 3, method="jactus_union", stats={"input_cov": C, "grad_cov": torch.eye(10, dtype=F64)},
+                      grad_metric=bad)
+
+
 def test_jactus_union_rank_deficient_covariance_still_works(fresh_shift_warning):
     K, N = 20, 15
     lin = _linear(K, N, dtype=F64)

@@ -161,6 +161,9 @@ def test_jactus_options_are_validated():
         JACTUSOptions(tol=0)
     with pytest.raises(ValueError, match="train_bias"):
         JACTUSOptions(train_bias="yes")
+    for bad in (-0.5, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="grad_metric"):
+            JACTUSOptions(grad_metric=bad)
     with pytest.raises(TypeError, match="grad_fraction"):
         Compressor(pretrained_mlp(steps=0), _config(0.5, method_options={"grad_fraction": 0.5}),
                    calib_data=_calib(), loss_fn=_loss_fn)
@@ -207,9 +210,10 @@ def _warm(budget=0.5, steps=20, frac=0.5, **kw):
     return _config(budget, steps=steps, method_options={"warmup_frac": frac, **kw.pop("options", {})}, **kw)
 
 
-def test_jactus_warmup_trains_dense_then_factors_the_trained_weights():
+@pytest.mark.parametrize("grad_metric", [0.0, 0.7])
+def test_jactus_warmup_trains_dense_then_factors_the_trained_weights(grad_metric):
     model = pretrained_mlp()
-    comp, opt = _build(model, _warm(steps=20, frac=0.3), lr=3e-3)  # boundary: step 6
+    comp, opt = _build(model, _warm(steps=20, frac=0.3, options={"grad_metric": grad_metric}), lr=3e-3)  # boundary: 6
     assert comp.method.boundary == 6 and not comp.method.factored and comp.method.ranks == {}
     assert all(type(model.get_submodule(n)) is nn.Linear for n in TARGETS)
     pretrained = {n: model.get_submodule(n).weight.detach().clone() for n in TARGETS}
@@ -233,7 +237,7 @@ def test_jactus_warmup_trains_dense_then_factors_the_trained_weights():
             for n, core in comp.method.core_layers().items():
                 expected = CoreLowRankLinear.from_lowrank(
                     factorize(seen["model"].get_submodule(n), comp.method.ranks[n], method="jactus_union",
-                              stats=seen["stats"][n]))
+                              stats=seen["stats"][n], grad_metric=grad_metric))
                 for attr in ("U", "V", "core"):
                     torch.testing.assert_close(getattr(core, attr), getattr(expected, attr))
                 assert core.bias is seen_bias[n]  # the same Parameter: its optimizer state carries on
