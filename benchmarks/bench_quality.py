@@ -89,11 +89,13 @@ DENSE_OTHER_LR = DEFAULT_METHOD_LR["dense"]
 # raw/quality_cpu_runs.jsonl and the acip_svd_basis rows of raw/quality_gpu_grid.jsonl); PC-LoRA from SVD-LLM's
 # truncation (not in the paper; the paper's LoRA init is options {}) with its dense branch gone after a quarter
 # of the steps (decay_ratio 0.25; the paper's 0.5 is the library default); JACTUS after half the steps dense
-# (warmup_frac, not in the method as specified); LPAF pruning by first-order scores (its library default; named
-# so that runs record it). ACIP also with the parameters outside the targeted layers at the dense lr
-# (CompressionConfig.other_lr; chosen at 0.8 and 0.5, see one_run_options).
+# (warmup_frac) with its output error weighted half by the output-gradient covariance (grad_metric), neither in
+# the method as specified; LPAF pruning by first-order scores (its library default; named so that runs record
+# it). ACIP also with the parameters outside the targeted layers at the dense lr (CompressionConfig.other_lr;
+# chosen at 0.8 and 0.5, see one_run_options).
 DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm", "other_lr": DENSE_OTHER_LR},
-                          "pc_lora": {"init": "svd_llm", "decay_ratio": 0.25}, "jactus": {"warmup_frac": 0.5},
+                          "pc_lora": {"init": "svd_llm", "decay_ratio": 0.25},
+                          "jactus": {"warmup_frac": 0.5, "grad_metric": 0.5},
                           "lpaf": {"prune_score": "first_order"}}
 DATA_SEED = 1234  # fixes the train/test split, independent of the run seeds
 # Seconds per training step of the joint methods relative to a dense step, used only for the

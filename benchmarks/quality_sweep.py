@@ -71,7 +71,7 @@ METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "acip_per_budget", "pc_lor
 EXTRA_OPTIONS: dict[str, list[dict]] = {
     "pc_lora": [{}, {"init": "svd_llm"}, {"init": "svd_llm", "other_lr": DENSE_OTHER_LR},
                 {"other_lr": DENSE_OTHER_LR}],
-    "jactus": [{}, {"warmup_frac": 0.5, "train_bases": True},
+    "jactus": [{}, {"warmup_frac": 0.5}, {"warmup_frac": 0.5, "train_bases": True},
                *({**o, "other_lr": DENSE_OTHER_LR} for o in ({}, {"warmup_frac": 0.5},
                                                          {"warmup_frac": 0.5, "train_bases": True}))],
     "acip": [{"basis": "svd_llm"}],
