@@ -57,6 +57,7 @@ from lrcomp.methods.base import (
     check_warmup_frac,
     densify_past_break_even,
     factor_cost,
+    marked_group,
     swap_params_in_optimizer,
     weight_cost,
 )
@@ -66,14 +67,6 @@ ACIP_BASES = ("svd", "svd_llm")
 SCORE_GROUP = "lrcomp_acip_scores"
 #: key marking the group of the factors U, V (option ``factor_lr``), trained from the frozen phase on
 FACTOR_GROUP = "lrcomp_acip_factors"
-
-
-def _marked_group(optimizer: torch.optim.Optimizer, key: str, what: str) -> dict:
-    """The parameter group of ``optimizer`` marked ``key`` (ValueError naming ``what`` when there is none)."""
-    group = next((g for g in optimizer.param_groups if g.get(key)), None)
-    if group is None:
-        raise ValueError(f"the optimizer has no acip {what} group: build it from comp.parameters()")
-    return group
 
 
 @dataclasses.dataclass
@@ -189,8 +182,8 @@ class ACIP(JointMethod):
             layer.add_lora(min(self.options.lora_rank, layer.rank), self.options.lora_alpha)
         optimizer = self.comp.optimizer
         if optimizer is not None:
-            scores = _marked_group(optimizer, SCORE_GROUP, "score")
-            factors = _marked_group(optimizer, FACTOR_GROUP, "factor") if self.options.factor_lr else None
+            scores = marked_group(optimizer, SCORE_GROUP, "acip score")
+            factors = marked_group(optimizer, FACTOR_GROUP, "acip factor") if self.options.factor_lr else None
             swap_params_in_optimizer(optimizer, linear.weight,
                                      [layer.lora_A, layer.lora_B] if layer.lora_A is not None else [])
             scores["params"].append(layer.scores)

@@ -84,6 +84,14 @@ def swap_params_in_optimizer(optimizer: torch.optim.Optimizer | None, old: nn.Pa
     raise ValueError("the optimizer does not hold the dense weight being factored: build it from comp.parameters()")
 
 
+def marked_group(optimizer: torch.optim.Optimizer, key: str, what: str) -> dict:
+    """The parameter group of ``optimizer`` marked ``key`` (ValueError naming ``what`` when there is none)."""
+    group = next((g for g in optimizer.param_groups if g.get(key)), None)
+    if group is None:
+        raise ValueError(f"the optimizer has no {what} group: build it from comp.parameters()")
+    return group
+
+
 def check_warmup_frac(value, method: str) -> None:
     """Validate a ``warmup_frac`` option: a share of ``total_steps`` in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:

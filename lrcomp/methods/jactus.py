@@ -50,6 +50,12 @@ under FSDP on the plain model), and the layers are factored and allocated as abo
 dense weight leaves the optimizer and the core takes its place with fresh state
 (:func:`lrcomp.methods.base.swap_params_in_optimizer`); the bias is the same Parameter, so its state
 carries on. A checkpoint saved after ``t_w`` rebuilds the cores through :meth:`JACTUS.restore_structure`.
+
+Learning rate of the cores (option ``core_lr``, default None, not in the specification): the cores (with
+``train_bases`` also ``U``, ``V``) train in a parameter group of their own at that lr, marked
+:data:`CORE_GROUP` (empty during a dense warm-up; they join it at ``t_w``), so a warm-up can run at the lr
+that suits the dense fine-tune while the ``r x r`` cores, whose Adam steps move the weight far less, take a
+larger one. None keeps them in the group of the weight they replace.
 """
 
 from __future__ import annotations
@@ -66,8 +72,11 @@ from lrcomp.compression.cost import resolve_cost_table
 from lrcomp.compression.factorizations import factorize
 from lrcomp.compression.oneshot import _uniform_ranks
 from lrcomp.layers.lowrank_linear import LowRankLinear
-from lrcomp.methods.base import JointMethod, check_warmup_frac, swap_params_in_optimizer
+from lrcomp.methods.base import JointMethod, check_warmup_frac, marked_group, swap_params_in_optimizer
 from lrcomp.ops import lowrank_linear
+
+#: key marking the parameter group of the cores (option ``core_lr``) in an optimizer built from ``comp.parameters()``
+CORE_GROUP = "lrcomp_jactus_cores"
 
 
 @dataclasses.dataclass
@@ -94,6 +103,12 @@ class JACTUSOptions:
     # option of the same name; not in the method as specified, whose 0 weighs every output alike):
     # H = (1 - grad_metric) I + grad_metric G / (tr(G) / N), the Kronecker-factored proxy of the loss change.
     grad_metric: float = 0.0
+    # Learning rate of what trains in place of each factored weight (the core; U and V with train_bases), in a
+    # parameter group of its own marked CORE_GROUP (not in the method as specified; None: the optimizer's lr,
+    # in the group of the weight it replaces). With a dense warm-up the optimizer's lr suits the fine-tune of
+    # the whole model, while a core's r^2 entries move the weight by about lr * r in Frobenius norm per Adam
+    # step against lr * sqrt(K N) for the dense weight: the core may want a larger one.
+    core_lr: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("weight_frac", "input_frac", "grad_frac"):
@@ -113,6 +128,10 @@ class JACTUSOptions:
         value = self.grad_metric
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"jactus option grad_metric must be a number in [0, 1], got {value!r}")
+        value = self.core_lr
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"jactus option core_lr must be None or a finite number > 0, got {value!r}")
         for name in ("train_bias", "train_bases"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"jactus option {name} must be a bool, got {getattr(self, name)!r}")
@@ -254,9 +273,14 @@ class JACTUS(JointMethod):
         core.core.requires_grad_(trains)
         core.U.requires_grad_(self.options.train_bases and trains)
         core.V.requires_grad_(self.options.train_bases and trains)
-        if trains:
-            swap_params_in_optimizer(self.comp.optimizer, linear.weight, [p for p in (core.core, core.U, core.V)
-                                                                           if p.requires_grad])
+        new = self._core_params(core)
+        optimizer = self.comp.optimizer
+        if trains and optimizer is not None and self.options.core_lr is not None:
+            cores = marked_group(optimizer, CORE_GROUP, "jactus core")
+            swap_params_in_optimizer(optimizer, linear.weight, [])
+            cores["params"] += new
+        elif trains:
+            swap_params_in_optimizer(optimizer, linear.weight, new)
         self.model.set_submodule(name, core.train(linear.training))
         self.rebind_feature_taps()
 
@@ -273,6 +297,21 @@ class JACTUS(JointMethod):
                 self._install(name, linear, core)
                 self.ranks[name] = info["rank"]
         self.factored = True
+
+    @staticmethod
+    def _core_params(core: CoreLowRankLinear) -> list[nn.Parameter]:
+        """What trains in place of the dense weight: the core (and U, V with ``train_bases``)."""
+        return [p for p in (core.core, core.U, core.V) if p.requires_grad]
+
+    def trainable_parameters(self):
+        """Every parameter that requires grad; with ``core_lr`` two groups, the cores' (marked ``CORE_GROUP``,
+        at ``core_lr``; empty during a dense warm-up, the cores join at the boundary) last."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.options.core_lr is None:
+            return params
+        cores = {id(p) for layer in self.core_layers().values() for p in self._core_params(layer)}
+        return [{"params": [p for p in params if id(p) not in cores]},
+                {"params": [p for p in params if id(p) in cores], "lr": self.options.core_lr, CORE_GROUP: True}]
 
     def core_layers(self) -> dict[str, CoreLowRankLinear]:
         return {n: m for n, m in self.lowrank_layers().items() if isinstance(m, CoreLowRankLinear)}

@@ -10,7 +10,8 @@ from toy import evaluate, pretrained_mlp, task, train
 from lrcomp import CompressionConfig, Compressor
 from lrcomp.compression.factorizations import factorize
 from lrcomp.layers import LowRankLinear
-from lrcomp.methods.jactus import CoreLowRankLinear, JACTUSOptions
+from lrcomp.methods.compressor import OTHER_GROUP
+from lrcomp.methods.jactus import CORE_GROUP, CoreLowRankLinear, JACTUSOptions
 
 TARGETS = ["0", "2"]
 
@@ -286,11 +287,13 @@ def test_jactus_warmup_reads_a_one_shot_iterator_of_calibration_batches_once():
     assert comp.method.factored and comp.method.core_layers()
 
 
-# factored at setup (cut 7); with a dense warm-up to step 5: cut before, at and after the boundary
-@pytest.mark.parametrize("frac,cut", [(0.0, 7), (0.3, 2), (0.3, 5), (0.3, 11)])
-def test_jactus_resume_equals_uninterrupted(tmp_path, frac, cut):
+# factored at setup (cut 7); with a dense warm-up to step 5: cut before, at and after the boundary; the cores
+# in a group of their own (core_lr) before and after the boundary
+@pytest.mark.parametrize("frac,cut,options", [(0.0, 7, {}), (0.3, 2, {}), (0.3, 5, {}), (0.3, 11, {}),
+                                              (0.3, 2, {"core_lr": 3e-2}), (0.3, 11, {"core_lr": 3e-2})])
+def test_jactus_resume_equals_uninterrupted(tmp_path, frac, cut, options):
     steps = 16
-    config = _warm(steps=steps, frac=frac, distill_weight=0.5, feature_weight=0.5)
+    config = _warm(steps=steps, frac=frac, distill_weight=0.5, feature_weight=0.5, options=options)
     model_a = pretrained_mlp()
     comp_a, opt_a = _build(model_a, config)
     train(comp_a, opt_a, steps)
@@ -330,3 +333,53 @@ def test_jactus_warmup_option_is_validated():
     for bad in (-0.1, 1.0, True, "half"):
         with pytest.raises(ValueError, match="warmup_frac"):
             JACTUSOptions(warmup_frac=bad)
+
+
+# ---------------------------------------------------------------------------------------------- core_lr
+@pytest.mark.parametrize("frac,train_bases,other_lr", [(0.0, False, None), (0.5, False, 1e-3), (0.5, True, None)])
+def test_jactus_core_lr_trains_what_replaces_each_weight_in_its_own_group(frac, train_bases, other_lr):
+    lr, core_lr = 1e-3, 2e-2
+    model = pretrained_mlp()
+    config = _warm(steps=10, frac=frac, other_lr=other_lr, options={"core_lr": core_lr, "train_bases": train_bases})
+    comp = Compressor(model, config, calib_data=_calib(), loss_fn=_loss_fn)
+    # Adam without weight decay: the first step of a parameter with fresh state moves each entry by its lr
+    opt = torch.optim.Adam(comp.parameters(), lr=lr)
+    comp.attach(opt)
+    [cores] = [g for g in opt.param_groups if g.get(CORE_GROUP)]
+    assert cores["lr"] == core_lr
+    boundary = comp.method.boundary
+    if boundary:
+        assert cores["params"] == [] and not comp.method.factored
+        dense = [model.get_submodule(n).weight for n in TARGETS]
+        assert all(any(p is w for p in opt.param_groups[0]["params"]) for w in dense)  # the warm-up at lr
+        train(comp, opt, boundary)
+    layers = comp.method.core_layers()
+    assert layers and comp.method.factored
+    expected = [p for n in TARGETS if n in layers for p in (layers[n].core, *((layers[n].U, layers[n].V)
+                                                                                if train_bases else ()))]
+    assert [id(p) for p in cores["params"]] == [id(p) for p in expected]
+    held = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # each once
+    assert all(g["lr"] == (other_lr if g.get(OTHER_GROUP) else lr) for g in opt.param_groups if g is not cores)
+    before = [p.detach().clone() for p in expected]
+    train(comp, opt, boundary + 1, start=boundary)
+    for p, b in zip(expected, before, strict=True):
+        moved = (p.detach() - b).abs().max().item()
+        assert 0.99 * core_lr <= moved <= 1.0001 * core_lr
+
+
+def test_jactus_core_lr_needs_the_optimizer_of_comp_parameters():
+    model = pretrained_mlp()
+    comp = Compressor(model, _warm(steps=10, frac=0.5, options={"core_lr": 1e-2}), calib_data=_calib(),
+                      loss_fn=_loss_fn)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    comp.attach(opt)
+    with pytest.raises(ValueError, match="no jactus core group"):
+        train(comp, opt, comp.method.boundary)
+
+
+def test_jactus_core_lr_option_is_validated():
+    for bad in (0, -1e-3, float("inf"), float("nan"), True, "1e-3"):
+        with pytest.raises(ValueError, match="core_lr"):
+            JACTUSOptions(core_lr=bad)
+    assert JACTUSOptions(core_lr=5e-4).core_lr == 5e-4 and JACTUSOptions().core_lr is None
