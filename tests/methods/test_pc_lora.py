@@ -79,9 +79,14 @@ def test_learns_and_ends_within_budget(budget):
     _train(model, comp, opt, 100)
     final = comp.finalize()
     assert comp.kept_cost() <= budget * comp.total_cost
-    # the single uniform rank is the largest one within the budget: q + 1 would be over it
+    # the single uniform rank is the largest one within the budget as deployed (a layer at or past break-even
+    # costs its dense weights): q + 1 would be over it
     q = uniform_rank([(IN, HID), (HID, HID)], budget)
-    assert (q + 1) * (IN + HID + 2 * HID) > budget * comp.total_cost
+    def deployed(r):  # 16 -> 48 and 48 -> 48 at rank r, each at most its dense weights
+        return min(r * (IN + HID), IN * HID) + min(r * 2 * HID, HID * HID)
+
+    assert deployed(q) <= budget * comp.total_cost < deployed(q + 1)
+    assert q == {0.8: 17, 0.5: 9, 0.3: 5}[budget]  # at 0.8 the 16 -> 48 layer (break-even 12) counts 768 weights
     for name in comp.targets:
         layer = final.get_submodule(name)
         K, N = layer.in_features, layer.out_features
