@@ -107,7 +107,10 @@ class JACTUSOptions:
     # parameter group of its own marked CORE_GROUP (not in the method as specified; None: the optimizer's lr,
     # in the group of the weight it replaces). With a dense warm-up the optimizer's lr suits the fine-tune of
     # the whole model, while a core's r^2 entries move the weight by about lr * r in Frobenius norm per Adam
-    # step against lr * sqrt(K N) for the dense weight: the core may want a larger one.
+    # step against lr * sqrt(K N) for the dense weight: the core may want a larger one. On MiniLM it did not help
+    # (validation, seed 0, warm-up 0.5, grad_metric 0.5; at 0.5 / 0.3: lr 5e-4 alone 0.749 / 0.711; lr 5e-4 with
+    # core_lr 1e-4 0.738 / 0.709, 2e-3 0.740 / 0.716; lr 1e-4 with core_lr 5e-4 0.740 / 0.698, 2e-3 0.731 /
+    # 0.702; benchmarks/results/raw/quality_cpu_val_jactus_core_lr_probe.jsonl), so the default stays None.
     core_lr: float | None = None
 
     def __post_init__(self) -> None:
