@@ -385,12 +385,14 @@ def test_sparsity_aware_weighted_error_not_above_svd(source):
 
 
 # ---------------------------------------------------------------------------- jactus_union
-def _jactus_oracle(W, C, P_out, P_in, r):
-    """min_A ||(W - P_out A P_in^T) L||_F, C = L L^T, by a QR route (independent of the implementation)."""
-    L = torch.linalg.cholesky(C)
-    B = P_out.T @ W @ L                       # [m_out, K]
-    Q, R = torch.linalg.qr((P_in.T @ L).T)    # (P_in^T L)^T = Q R, so A P_in^T L = A R^T Q^T
-    A = torch.linalg.solve_triangular(R.T, _trunc(B @ Q, r), upper=False, left=False)  # A R^T = [B Q]_r
+def _jactus_oracle(W, C, H, P_out, P_in, r):
+    """min_A ||R^T (W - P_out A P_in^T) L||_F with H = R R^T, C = L L^T, by QR on both sides (independent route)."""
+    R, L = torch.linalg.cholesky(H), torch.linalg.cholesky(C)
+    Q1, R1 = torch.linalg.qr(R.T @ P_out)          # R^T P_out = Q1 R1
+    Q2, R2 = torch.linalg.qr((P_in.T @ L).T)       # (P_in^T L)^T = Q2 R2
+    core = _trunc(Q1.T @ (R.T @ W @ L) @ Q2, r)    # R1 A R2^T = [Q1^T B Q2]_r
+    A = torch.linalg.solve_triangular(R1, torch.linalg.solve_triangular(R2.T, core, upper=False, left=False),
+                                      upper=True)
     return P_out @ A @ P_in.T
 
 
@@ -416,7 +418,7 @@ def test_jactus_union_lives_in_the_union_and_is_optimal_there():
         assert float((top_g - P_out @ (P_out.T @ top_g)).norm()) < 1e-10
         assert float((top_c - P_in @ (P_in.T @ top_c)).norm()) < 1e-10
         Wr = _product(layer)
-        oracle = _jactus_oracle(W, C, P_out, P_in, r)
+        oracle = _jactus_oracle(W, C, torch.eye(N, dtype=F64), P_out, P_in, r)
         assert float((Wr - oracle).norm() / oracle.norm()) < 1e-9
         e_j = _out_err(X, W, Wr)
         e_svd = _out_err(X, W, _product(factorize(lin, r)))
@@ -448,17 +450,6 @@ def test_jactus_union_importance_is_output_error_reduction_and_grad_cov_optional
     assert float((_product(with_grad) - Wr).norm()) > 1e-6  # grad_cov enlarges the output union
 
 
-def _jactus_metric_oracle(W, C, H, P_out, P_in, r):
-    """min_A ||R^T (W - P_out A P_in^T) L||_F with H = R R^T, C = L L^T, by QR on both sides (independent route)."""
-    R, L = torch.linalg.cholesky(H), torch.linalg.cholesky(C)
-    Q1, R1 = torch.linalg.qr(R.T @ P_out)          # R^T P_out = Q1 R1
-    Q2, R2 = torch.linalg.qr((P_in.T @ L).T)       # (P_in^T L)^T = Q2 R2
-    core = _trunc(Q1.T @ (R.T @ W @ L) @ Q2, r)    # R1 A R2^T = [Q1^T B Q2]_r
-    A = torch.linalg.solve_triangular(R1, torch.linalg.solve_triangular(R2.T, core, upper=False, left=False),
-                                      upper=True)
-    return P_out @ A @ P_in.T
-
-
 def test_jactus_union_grad_metric_is_optimal_in_the_gradient_weighted_error():
     K, N, T = 26, 20, 400
     lin = _linear(K, N, dtype=F64)
@@ -483,7 +474,7 @@ def test_jactus_union_grad_metric_is_optimal_in_the_gradient_weighted_error():
         U = layer.U.detach()
         assert float((U - P_out @ (P_out.T @ U)).norm() / U.norm()) < 1e-12  # still in the union
         Wr = _product(layer)
-        oracle = _jactus_metric_oracle(W, C, H, P_out, P_in, r)
+        oracle = _jactus_oracle(W, C, H, P_out, P_in, r)
         assert float((Wr - oracle).norm() / oracle.norm()) < 1e-9
         # the plain solution lies in the union too, so it is never better; by G alone much worse (measured 0.48)
         assert h_err(Wr, H) <= h_err(plain, H) * (1 + 1e-12), (beta, h_err(Wr, H), h_err(plain, H))
