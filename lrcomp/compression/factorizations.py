@@ -51,6 +51,13 @@ Methods (``D = diag``):
   same row and column sums, ``M_hat = a b^T / sum(M)`` (``a`` row sums, ``b`` column sums), which makes it
   ``||D(sqrt(a)) (W - W_r) D(sqrt(b / sum(M)))||_F^2``, solved exactly by one SVD (exact when ``M`` is
   rank 1). Importance ``sigma_i^2`` = reduction of ``sum M_hat (W - W_r)^2``.
+
+  Option ``input_metric`` (default False; not in the method as published) keeps the row weights ``a`` and
+  measures each row's error in the metric of the inputs instead of the column weights:
+  ``sum_n a_n (W - W_r)_n C' (W - W_r)_n^T = ||D(sqrt(a)) (W - W_r) L'||_F^2`` with ``C' = input_cov / tr(input_cov)
+  = L' L'^T`` (Cholesky, shifted like svd_llm's; trace 1 like ``b / sum(M)``, so the importances keep the
+  units of the plain method, and a diagonal ``C'`` proportional to ``b`` gives the plain method back). This is
+  svd_llm's whitening with the rows weighted by how much the loss depends on them; it needs ``input_cov``.
 * ``"jactus_union"`` (JACTUS): the approximation is confined to a union of subspaces. Input side:
   ``P_in`` = orthonormal basis of the top ``ceil(weight_frac r)`` right singular vectors of W united with
   the top ``ceil(input_frac r)`` eigenvectors of input_cov; output side: ``P_out`` = the top
@@ -118,11 +125,21 @@ METHOD_OPTIONS: dict[str, dict[str, object]] = {
     "asvd": {"alpha": 0.5, "min_scale": 1e-6},
     "svd_llm": {"shift_eps": 1e-8},
     "fwsvd": {"min_scale": 1e-6},
-    "sparsity_aware": {"importance": None, "weight_grad": None, "min_scale": 1e-6},
+    "sparsity_aware": {"importance": None, "weight_grad": None, "min_scale": 1e-6, "input_metric": False,
+                       "shift_eps": 1e-8},
     "jactus_union": {"weight_frac": 1.0, "input_frac": 0.5, "grad_frac": 0.5, "tol": 1e-8, "shift_eps": 1e-8,
                      "grad_metric": 0.0},
 }
 _LAYER_OPTIONS = {"mask_fn": "none", "temperature": 1.0}
+
+
+def required_stats(method: str, options: Mapping[str, object] | None = None) -> tuple[str, ...]:
+    """The statistics ``method`` needs with ``options`` (:data:`REQUIRED_STATS`, plus ``input_cov`` for
+    ``sparsity_aware`` with ``input_metric``)."""
+    needed = REQUIRED_STATS[method]
+    if method == "sparsity_aware" and (options or {}).get("input_metric"):
+        needed = needed + ("input_cov",)
+    return needed
 
 _STAT_NAMES = ("input_cov", "grad_cov", "input_abs_mean", "fisher")
 
@@ -132,9 +149,10 @@ def _stat_shape(name: str, K: int, N: int) -> tuple[int, ...]:
     return {"input_cov": (K, K), "grad_cov": (N, N), "input_abs_mean": (K,), "fisher": (K,)}[name]
 
 
-def _get_stats(stats: object, method: str, K: int, N: int, device: torch.device) -> dict[str, Tensor]:
-    """Check ``stats`` (one layer's dict) and return the statistics the method uses, fp64 on ``device``."""
-    needed = REQUIRED_STATS[method]
+def _get_stats(stats: object, method: str, needed: tuple[str, ...], K: int, N: int,
+               device: torch.device) -> dict[str, Tensor]:
+    """Check ``stats`` (one layer's dict) and return the statistics the method uses (``needed`` and the
+    optional ones), fp64 on ``device``."""
     if stats is None:
         stats = {}
     if not isinstance(stats, Mapping):
@@ -177,6 +195,12 @@ def _check_float(name: str, value: object, *, low: float, low_open: bool = False
     if value < low or (low_open and value == low) or value > high:
         lo = "(" if low_open else "["
         raise ValueError(f"{name} must be in {lo}{low}, {high}], got {value!r}")
+    return value
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -318,7 +342,16 @@ def _sparsity_aware(W: Tensor, stats: dict[str, Tensor], opts: dict) -> tuple[Te
     else:
         a = _positive_scale(M.sum(1), opts["min_scale"])
         b = _positive_scale(M.sum(0), opts["min_scale"])
-    return _scaled_svd(W, a.sqrt(), (b / total).sqrt())
+    if not opts["input_metric"]:
+        return _scaled_svd(W, a.sqrt(), (b / total).sqrt())
+    C = stats["input_cov"]
+    trace = float(torch.diagonal(C).sum())
+    if trace <= 0.0:
+        raise ValueError("sparsity_aware option input_metric: input_cov is all zeros (the layer saw no input)")
+    L, _ = shifted_cholesky(C / trace, eps=opts["shift_eps"], name="input_cov")
+    row = a.sqrt()
+    u, s, v, imp = _whitened_svd(row[:, None] * W, L)
+    return u / row[:, None], s, v, imp
 
 
 def element_importance(
@@ -415,7 +448,9 @@ def factorize(
     if "grad_metric" in opts:
         opts["grad_metric"] = _check_float("grad_metric", opts["grad_metric"], low=0.0, high=1.0)
 
-    st = _get_stats(stats, method, K, N, weight.device)
+    if "input_metric" in opts:
+        opts["input_metric"] = _check_bool("input_metric", opts["input_metric"])
+    st = _get_stats(stats, method, required_stats(method, opts), K, N, weight.device)
     W = weight.to(torch.float64)
     if method == "svd":
         u, s, v, imp = _scaled_svd(W, None, None)

@@ -12,7 +12,7 @@ from lrcomp.calib.calibrate import calibrate
 from lrcomp.compression.allocate import allocate_ranks, importance_keep_mask
 from lrcomp.compression.config import ONE_SHOT_METHODS, CompressionConfig
 from lrcomp.compression.cost import resolve_cost_table
-from lrcomp.compression.factorizations import OPTIONAL_STATS, REQUIRED_STATS, factorize
+from lrcomp.compression.factorizations import OPTIONAL_STATS, factorize, required_stats
 from lrcomp.layers.lowrank_linear import LowRankLinear
 from lrcomp.replace import find_target_linears
 
@@ -92,7 +92,7 @@ def compress(model: nn.Module, config: CompressionConfig, calib_data: Iterable |
                          f"jointly: use lrcomp.Compressor")
     targets = find_target_linears(model, config.target_modules, config.exclude_modules,
                                   required=True)
-    needed = REQUIRED_STATS[config.method]
+    needed = required_stats(config.method, config.method_options)
     if config.loss_fn is not None:  # gradient statistics the method uses when it can have them
         needed = needed + OPTIONAL_STATS[config.method]
     if config.sensitivity and config.allocation == "global":

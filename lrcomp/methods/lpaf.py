@@ -22,7 +22,9 @@ Three phases over ``total_steps = T``:
 2. **Sparsity-aware SVD initialisation and mixed-rank allocation** at step ``t_1``: each sparse
    ``W * mask`` is factored by :func:`lrcomp.factorize` ``method="sparsity_aware"`` with the element
    importance ``|S| * mask`` (``importance="movement"``) or the accumulated first-order importance
-   ``sum_t |W * dL/dW'| * mask`` (``importance="first_order"``); pruned weights weigh nothing. The
+   ``sum_t |W * dL/dW'| * mask`` (``importance="first_order"``); pruned weights weigh nothing. With the
+   option ``input_metric`` the row errors are measured in the metric of the layer's inputs instead
+   (factorize's ``input_metric``), with the input covariance calibrated at ``t_1`` on the pruned model. The
    global allocator (:func:`lrcomp.allocate_ranks`, score = the factorisation's importance, cost
    ``config.cost``, budget ``config.budget``; or ``allocation="uniform"``) gives every layer its own
    rank, and each layer keeps its top directions as a :class:`LowRankLinear` (``U, S, V`` train, the
@@ -89,6 +91,10 @@ class LPAFOptions:
     # the model at chance for every learning rate tried, first-order reached 0.753 validation accuracy.
     prune_score: str = "first_order"
     min_scale: float = 1e-6  # floor of the row / column importance sums (factorize's sparsity_aware option)
+    # Measure each row's factorisation error in the metric of the layer's inputs (factorize's sparsity_aware
+    # option input_metric: svd_llm's whitening, rows weighted by importance) instead of the column importance.
+    # Needs calib_data: the input covariance is calibrated at the boundary, on the pruned model.
+    input_metric: bool = False
 
     def __post_init__(self) -> None:
         ts = self.target_sparsity
@@ -111,6 +117,8 @@ class LPAFOptions:
         if isinstance(self.min_scale, bool) or not isinstance(self.min_scale, (int, float)) \
                 or not 0 < self.min_scale <= 1:
             raise ValueError(f"lpaf option min_scale must be in (0, 1], got {self.min_scale!r}")
+        if not isinstance(self.input_metric, bool):
+            raise ValueError(f"lpaf option input_metric must be True or False, got {self.input_metric!r}")
 
 
 class MaskedLinear(nn.Linear):
@@ -190,6 +198,15 @@ class MaskedLinear(nn.Linear):
         self.mask.fill_(True)
         self.track = False
 
+    @torch.no_grad()
+    def sparse_copy(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding a frozen copy of ``W * mask`` and sharing the bias Parameter."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device=self.weight.device,
+                           dtype=self.weight.dtype)
+        linear.weight.requires_grad_(False).copy_(self.weight * self.mask)
+        linear.bias = self.bias
+        return linear.train(self.training)
+
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W * mask`` (same Parameter objects)."""
         with torch.no_grad():
@@ -206,6 +223,11 @@ class LPAF(JointMethod):
 
     name = "lpaf"
     Options = LPAFOptions
+
+    def __init__(self, compressor) -> None:
+        super().__init__(compressor)
+        if self.options.input_metric:  # instance attribute: the Compressor reads it after __init__
+            self.needed_stats = ("input_cov",)
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -287,17 +309,20 @@ class LPAF(JointMethod):
     def factorize_layers(self) -> None:
         """Phase 2: sparsity-aware SVD of every masked layer, global rank allocation, optimizer swap."""
         masked = self.masked_layers()
-        full = {}
-        for name, layer in masked.items():
-            sparse = nn.Linear(layer.in_features, layer.out_features, bias=False, device=layer.weight.device,
-                               dtype=layer.weight.dtype)
-            sparse.weight.copy_(layer.weight * layer.mask)
-            source = layer.movement.abs() if self.options.importance == "movement" else layer.first_order
-            element = source.to(torch.float64) * layer.mask
-            full[name] = factorize(sparse, None, method="sparsity_aware", importance=element,
-                                   min_scale=self.options.min_scale)
-            self.model.set_submodule(name, full[name])
         try:
+            sparse = {name: layer.sparse_copy() for name, layer in masked.items()}
+            for name, linear in sparse.items():
+                self.model.set_submodule(name, linear)
+            # input_metric: the inputs as the pruned model produces them (plain nn.Linear: calibration targets)
+            stats = self.comp.calibration_stats() if self.options.input_metric else None
+            full = {}
+            for name, layer in masked.items():
+                source = layer.movement.abs() if self.options.importance == "movement" else layer.first_order
+                element = source.to(torch.float64) * layer.mask
+                full[name] = factorize(sparse[name], None, method="sparsity_aware", importance=element,
+                                       min_scale=self.options.min_scale, input_metric=self.options.input_metric,
+                                       stats=None if stats is None else stats[name])
+                self.model.set_submodule(name, full[name])
             ranks = self._allocate_everywhere()
         finally:
             for name, layer in masked.items():

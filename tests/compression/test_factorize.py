@@ -384,6 +384,58 @@ def test_sparsity_aware_weighted_error_not_above_svd(source):
         assert w_lpaf < 0.8 * w_svd, (r, w_lpaf, w_svd)
 
 
+def test_sparsity_aware_input_metric_is_the_row_weighted_whitened_optimum():
+    """input_metric: min sum_n a_n (W - W_r)_n C' (W - W_r)_n^T (C' = C / tr C), by an independent route
+    (the QR of the activations), its importance the exact reduction, and the plain method back for a
+    diagonal C proportional to the column sums b."""
+    K, N, T = 24, 18, 500
+    lin = _linear(K, N, dtype=F64)
+    W = lin.weight.detach()
+    X = _anisotropic_acts(T, K)
+    C = X.T @ X / T
+    g = torch.Generator().manual_seed(4)
+    M = torch.rand(N, K, generator=g, dtype=F64) * torch.logspace(-1, 1, N, dtype=F64)[:, None]
+    a = M.sum(1)
+    Xs = X / math.sqrt(float(torch.trace(X.T @ X)))   # Xs^T Xs = C / tr C
+    _, Rx = torch.linalg.qr(Xs)                       # C' = Rx^T Rx
+    ra = a.sqrt()[:, None]
+
+    def werr(Wr):
+        return float((ra * (W - Wr) @ Rx.T).square().sum())
+
+    for r in (1, 6, 12):
+        layer = factorize(lin, r, method="sparsity_aware", importance=M, input_metric=True, stats={"input_cov": C})
+        oracle = _trunc(ra * W @ Rx.T, r)             # best rank-r D(sqrt a) W_r Rx^T
+        best = torch.linalg.solve_triangular(Rx.T, oracle, upper=False, left=False) / ra  # Y Rx^T = oracle
+        torch.testing.assert_close(_product(layer), best, rtol=0, atol=1e-9)
+        plain = factorize(lin, r, method="sparsity_aware", importance=M)
+        assert werr(_product(layer)) < 0.9 * werr(_product(plain)), r
+        assert float(layer.importance.sum()) == pytest.approx(werr(torch.zeros_like(W)) - werr(_product(layer)),
+                                                              rel=1e-6)
+    b = M.sum(0)
+    for r in (3, 9):
+        whitened = factorize(lin, r, method="sparsity_aware", importance=M, input_metric=True,
+                             stats={"input_cov": torch.diag(7.0 * b)})
+        torch.testing.assert_close(_product(whitened), _lpaf_reference(W, M, r), rtol=0, atol=1e-9)
+    ignored = factorize(lin, 5, method="sparsity_aware", importance=M, stats={"input_cov": C})  # off: C unused
+    torch.testing.assert_close(_product(ignored), _lpaf_reference(W, M, 5), rtol=0, atol=1e-12)
+
+
+def test_sparsity_aware_input_metric_needs_input_cov_and_a_bool():
+    lin = _linear(8, 6)
+    with pytest.raises(ValueError, match="input_cov"):
+        factorize(lin, 2, method="sparsity_aware", input_metric=True)
+    with pytest.raises(ValueError, match="all zeros"):
+        factorize(lin, 2, method="sparsity_aware", input_metric=True, stats={"input_cov": torch.zeros(8, 8)})
+    with pytest.raises(ValueError, match="input_metric"):
+        factorize(lin, 2, method="sparsity_aware", input_metric=1, stats={"input_cov": torch.eye(8)})
+    with pytest.raises(TypeError, match="input_metric"):
+        factorize(lin, 2, method="svd_llm", input_metric=True, stats={"input_cov": torch.eye(8)})
+    assert fz.required_stats("sparsity_aware") == ()
+    assert fz.required_stats("sparsity_aware", {"input_metric": True}) == ("input_cov",)
+    assert fz.required_stats("svd_llm", {"input_metric": True}) == ("input_cov",)
+
+
 # ---------------------------------------------------------------------------- jactus_union
 def _jactus_oracle(W, C, H, P_out, P_in, r):
     """min_A ||R^T (W - P_out A P_in^T) L||_F with H = R R^T, C = L L^T, by QR on both sides (independent route)."""

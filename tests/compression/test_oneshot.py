@@ -148,6 +148,22 @@ def test_fwsvd_with_loss_runs_and_respects_budget():
     assert _params(model, ["0", "2", "4"]) <= 0.5 * sum(n * k for n, k in ((24, 40), (40, 32), (32, 8))) + 80
 
 
+@pytest.mark.filterwarnings("ignore:input_cov .* is not positive definite")  # dead ReLU units
+def test_sparsity_aware_input_metric_calibrates_the_input_covariance():
+    with pytest.raises(ValueError, match="input_cov"):
+        lrcomp.compress(_toy(), CompressionConfig(method="sparsity_aware", method_options={"input_metric": True}))
+    plain, whitened = _toy(), _toy()
+    lrcomp.compress(plain, CompressionConfig(method="sparsity_aware", budget=0.5, allocation="uniform"))
+    lrcomp.compress(whitened, CompressionConfig(method="sparsity_aware", budget=0.5, allocation="uniform",
+                                                method_options={"input_metric": True}), _data())
+    X = torch.cat(_data())
+    dense = _toy()
+    with torch.no_grad():
+        first = [m(X) for m in (dense[0], plain[0], whitened[0])]
+    err = [float((first[0] - out).square().sum()) for out in first[1:]]
+    assert err[1] < 0.5 * err[0]  # on anisotropic inputs the input metric lowers the layer's output error
+
+
 def test_latency_cost_uses_the_table():
     from lrcomp.compression.cost import LatencyTable
 

@@ -229,6 +229,49 @@ def test_lpaf_first_order_importance_option():
     assert comp.kept_cost() <= 0.5 * comp.total_cost
 
 
+@pytest.mark.filterwarnings("ignore:input_cov .* is not positive definite")  # dead ReLU units
+def test_lpaf_input_metric_factors_in_the_inputs_metric_calibrated_at_the_boundary(monkeypatch):
+    """input_metric: at the boundary the input covariance is calibrated on the pruned model (layer "2" sees
+    relu of the *sparse* layer "0") and every layer is factored by sparsity_aware with input_metric."""
+    import lrcomp.methods.lpaf as lpaf_module
+    from lrcomp.compression.factorizations import factorize
+
+    X, y = task(seed=5)
+    calib = [(X[i:i + 128], y[i:i + 128]) for i in range(0, 512, 128)]
+    seen = {}
+
+    def recording(linear, rank, **kw):
+        seen[len(seen)] = (linear.weight.detach().clone(), linear.bias.detach().clone(), kw)
+        return factorize(linear, rank, **kw)
+
+    monkeypatch.setattr(lpaf_module, "factorize", recording)
+    model = pretrained_mlp()
+    config = _config(0.5, steps=20, options={"input_metric": True})
+    comp = Compressor(model, config, calib_data=calib, loss_fn=lambda out, b: nn.functional.cross_entropy(out, b[1]))
+    opt = torch.optim.AdamW(comp.parameters(), lr=3e-3)
+    comp.attach(opt)
+    train(comp, opt, 20)
+    assert comp.method.factored and set(seen) == {0, 1}
+    (W0, b0, kw0), (_, _, kw2) = seen[0], seen[1]
+    assert kw0["input_metric"] is kw2["input_metric"] is True and kw0["method"] == "sparsity_aware"
+    X64 = X[:512].double()
+    torch.testing.assert_close(kw0["stats"]["input_cov"], X64.T @ X64 / 512, rtol=1e-6, atol=1e-6)
+    assert bool((W0 == 0).any())  # layer "0" was pruned when layer "2"'s inputs were calibrated
+    H = torch.relu(X64 @ W0.double().T + b0.double())
+    torch.testing.assert_close(kw2["stats"]["input_cov"], H.T @ H / 512, rtol=1e-5, atol=1e-5)
+    assert comp.kept_cost() <= 0.5 * comp.total_cost
+    # the same run without the option factors differently (the option is not a no-op)
+    seen.clear()
+    plain = pretrained_mlp()
+    comp2 = Compressor(plain, _config(0.5, steps=20))
+    opt2 = torch.optim.AdamW(comp2.parameters(), lr=3e-3)
+    comp2.attach(opt2)
+    train(comp2, opt2, 20)
+    assert seen[0][2]["input_metric"] is False and seen[0][2]["stats"] is None
+    with pytest.raises(ValueError, match="calib"):
+        Compressor(pretrained_mlp(), config)  # the option needs calibration data
+
+
 def test_swap_params_in_optimizer_keeps_position_and_drops_state():
     a, b, c = (nn.Parameter(torch.randn(3)) for _ in range(3))
     opt = torch.optim.AdamW([a, b, c], lr=0.1)
@@ -259,5 +302,7 @@ def test_lpaf_options_are_validated():
         LPAFOptions(prune_score="magnitude")
     with pytest.raises(ValueError, match="min_scale"):
         LPAFOptions(min_scale=0)
+    with pytest.raises(ValueError, match="input_metric"):
+        LPAFOptions(input_metric="yes")
     with pytest.raises(TypeError, match="sparsity"):
         Compressor(pretrained_mlp(steps=0), _config(0.5, options={"sparsity": 0.5}))
