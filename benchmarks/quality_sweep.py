@@ -67,7 +67,8 @@ METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "acip_per_budget", "pc_lor
 # other_lr too (the parameters outside the targeted layers at the dense lr, while the method trains at 5e-4 or
 # 2e-3), for each of their other options. A candidate whose other_lr is its lr is the same run as the one
 # without other_lr and is made once (see run_key). PC-LoRA's allocation="global" is not tried: it lost on
-# validation wherever it was tried (seed 0; see the README).
+# validation wherever it was tried (seed 0; see the README). LPAF also with its sparsity-aware factorisation
+# measured in the metric of the inputs (input_metric, not in the paper; without other_lr only).
 EXTRA_OPTIONS: dict[str, list[dict]] = {
     "pc_lora": [{}, {"init": "svd_llm"}, {"init": "svd_llm", "other_lr": DENSE_OTHER_LR},
                 {"other_lr": DENSE_OTHER_LR}],
@@ -75,7 +76,8 @@ EXTRA_OPTIONS: dict[str, list[dict]] = {
                *({**o, "other_lr": DENSE_OTHER_LR} for o in ({}, {"warmup_frac": 0.5},
                                                          {"warmup_frac": 0.5, "train_bases": True}))],
     "acip": [{"basis": "svd_llm"}],
-    "lpaf": [{**DEFAULT_METHOD_OPTIONS["lpaf"], "other_lr": DENSE_OTHER_LR}],
+    "lpaf": [{**DEFAULT_METHOD_OPTIONS["lpaf"], "other_lr": DENSE_OTHER_LR},
+             {**DEFAULT_METHOD_OPTIONS["lpaf"], "input_metric": True}],
 }
 
 
