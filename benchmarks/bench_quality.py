@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -487,11 +488,12 @@ def paired_vs_sequential(rows: list[dict]) -> None:
     """Add to each compressed, non-sequential row its accuracy minus the best sequential baseline's (the
     baseline with the higher mean at that budget), paired by seed: a seed fixes the head's init and the batch
     order of every method, so the per-seed difference is less noisy than the two means. Only runs of the same
-    seed on the same device are paired. Sets ``vs_seq_mean``, ``vs_seq_std`` (over the pairs; 0 for one) and
-    ``vs_seq_baseline``; None where there is no baseline row or no pair."""
+    seed on the same device are paired. Sets ``vs_seq_mean``, ``vs_seq_std`` (over the pairs; 0 for one),
+    ``vs_seq_p`` (``sign_flip_p`` of the pairs) and ``vs_seq_baseline``; None where there is no baseline row or
+    no pair."""
     cells = {(r["method"], r["budget"]): r for r in rows}
     for row in rows:
-        row.update(vs_seq_mean=None, vs_seq_std=None, vs_seq_baseline=None)
+        row.update(vs_seq_mean=None, vs_seq_std=None, vs_seq_p=None, vs_seq_baseline=None)
         if row["budget"] is None or row["method"] in SEQUENTIAL:
             continue
         bases = [cells[(m, row["budget"])] for m in SEQUENTIAL if (m, row["budget"]) in cells]
@@ -508,7 +510,27 @@ def paired_vs_sequential(rows: list[dict]) -> None:
         if diffs:
             row.update(vs_seq_mean=statistics.fmean(diffs),
                        vs_seq_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                       vs_seq_baseline=best["method"])
+                       vs_seq_p=sign_flip_p(diffs), vs_seq_baseline=best["method"])
+
+
+MAX_SIGN_FLIPS = 20  # 2^20 sign patterns: the exact test's limit
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Two-sided p-value of the exact paired sign-flip test that the per-seed differences ``diffs`` center on 0.
+
+    Under that null hypothesis each difference is as likely to have either sign, so the 2^n sign patterns
+    of n differences are equally likely; p is the fraction of them whose |sum| is at least the observed
+    |sum| (the observed pattern and its mirror included, so p >= 2 / 2^n unless every difference is 0).
+    Exact, and assumes no distribution: with 5 seeds no p can be under 0.0625, with 7 under 0.016."""
+    n = len(diffs)
+    if not 1 <= n <= MAX_SIGN_FLIPS:
+        raise ValueError(f"sign_flip_p takes 1 to {MAX_SIGN_FLIPS} differences, got {n}")
+    observed = abs(sum(diffs))
+    slack = 1e-9 * sum(abs(d) for d in diffs)  # the same sum reached in another order of additions
+    hits = sum(abs(sum(s * d for s, d in zip(signs, diffs, strict=True))) >= observed - slack
+               for signs in itertools.product((1.0, -1.0), repeat=n))
+    return hits / 2 ** n
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -526,7 +548,7 @@ def report(rows: list[dict], meta: dict, args, env: dict | None = None) -> None:
          f"MiniLM + linear head, {len(meta['classes'])} fortune categories, {meta['steps']} steps, "
          f"seeds {' '.join(map(str, seeds))}")
     print()
-    print(utils.format_table(rows, ["method", "budget", "seeds_str", "acc_mean", "acc_std", "vs_seq_mean",
+    print(utils.format_table(rows, ["method", "budget", "seeds_str", "acc_mean", "acc_std", "vs_seq_mean", "vs_seq_p",
                                     "params_kept_fraction", "wall_s_mean", "lr", "status", "note"], floatfmt=".3g"))
 
 

@@ -24,6 +24,7 @@ QUALITY_COLUMNS = [  # bench_quality.py rows
     ("method", "method", ""), ("budget", "budget", ".2f"), ("seeds_str", "seeds", ""),
     (("acc_mean", "acc_std"), "accuracy (mean ± std)", ".3f"),
     (("vs_seq_mean", "vs_seq_std"), "minus best sequential, paired by seed", "+.3f"),
+    ("vs_seq_p", "p (sign-flip, two-sided)", ".3f"),
     ("vs_seq_baseline", "best sequential", ""), ("params_kept_fraction", "kept params (linears)", ".3f"),
     ("lr", "lr", "g"), ("options", "options", ""), ("wall_s_mean", "wall time (s)", ".1f"),
     ("device_name", "device", ""), ("status", "status", ""), ("note", "note", "")]

@@ -32,10 +32,26 @@ def test_paired_difference_against_the_better_baseline_over_common_seeds():
     assert jactus["vs_seq_baseline"] == "seq_svd_llm"
     assert jactus["vs_seq_mean"] == pytest.approx(((0.72 - 0.70) + (0.70 - 0.71)) / 2)
     assert jactus["vs_seq_std"] == pytest.approx(0.03 / 2 ** 0.5)
+    assert jactus["vs_seq_p"] == 1.0  # +0.02 and -0.01: each of the 4 sign patterns sums to |0.01| or more
     # the difference of the means would be 0.71 - 0.69 = +0.02: pairing is not that
     assert jactus["vs_seq_mean"] != pytest.approx(jactus["acc_mean"] - rows[("seq_svd_llm", 0.5)]["acc_mean"])
     for cell in [("dense", None), ("seq_svd", 0.5), ("seq_svd_llm", 0.5), ("lpaf", 0.3), ("pc_lora", 0.5)]:
         assert rows[cell]["vs_seq_mean"] is None and rows[cell]["vs_seq_baseline"] is None
+
+
+def test_sign_flip_p_counts_the_sign_patterns_at_least_as_extreme_as_observed():
+    p = bench_quality.sign_flip_p
+    assert p([0.01, 0.02, 0.005, 0.03, 0.01]) == 2 / 32  # all one sign: only it and its mirror
+    assert p([-0.01, -0.02, -0.005, -0.03, -0.01]) == 2 / 32  # two-sided
+    # +-0.03 +-0.01 +-0.02: |sums| 0.06 0.04 0.02 0.00, each twice; observed 0.02 -> 6 of the 8 patterns
+    assert p([0.03, 0.01, -0.02]) == 6 / 8
+    assert p([0.1, -0.1]) == 1.0 and p([0.0, 0.0, 0.0]) == 1.0
+    # flipping the small -0.001 makes the sum larger, flipping any other makes it smaller: 2 patterns, twice
+    assert p([0.01, 0.02, 0.03, -0.001]) == 4 / 16
+    # one large difference outweighs four small ones of the other sign whatever their signs: no evidence
+    assert p([0.05, -0.001, -0.002, -0.003, -0.004]) == 1.0
+    with pytest.raises(ValueError, match="1 to"):
+        p([])
 
 
 def test_table_cell_signs_the_difference_but_not_its_std():
