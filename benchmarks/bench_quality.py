@@ -31,8 +31,8 @@ each method's learning rate on a validation split and to run the grid in paralle
     python benchmarks/bench_quality.py                # 3 seeds x 3 budgets, 200 steps: several hours on 2 cores
     python benchmarks/quality_sweep.py --device cuda --parallel 15 -- ...   # selection + grid (~6 min, one H100)
 
-The grid in the README (benchmarks/results/quality.json) was measured on an H100 with
-quality_sweep.py (the TuneComp rows on the CPU, after its mixing fix); see the README for what it shows.
+The grid in the README (benchmarks/results/quality.json) was measured on the CPU with quality_sweep.py; the
+README says what it shows, benchmarks/results/QUALITY.md how its choices were made and what else was tried.
 """
 
 from __future__ import annotations

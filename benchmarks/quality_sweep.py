@@ -67,8 +67,9 @@ METHODS = ["dense", "seq_svd", "seq_svd_llm", "acip", "acip_per_budget", "pc_lor
 # other_lr too (the parameters outside the targeted layers at the dense lr, while the method trains at 5e-4 or
 # 2e-3), for each of their other options. A candidate whose other_lr is its lr is the same run as the one
 # without other_lr and is made once (see run_key). PC-LoRA's allocation="global" is not tried: it lost on
-# validation wherever it was tried (seed 0; see the README). LPAF also with its sparsity-aware factorisation
-# measured in the metric of the inputs (input_metric, not in the paper; without other_lr only).
+# validation wherever it was tried (seed 0; see benchmarks/results/QUALITY.md). LPAF also with its
+# sparsity-aware factorisation measured in the metric of the inputs (input_metric, not in the paper; without
+# other_lr only).
 EXTRA_OPTIONS: dict[str, list[dict]] = {
     "pc_lora": [{}, {"init": "svd_llm"}, {"init": "svd_llm", "other_lr": DENSE_OTHER_LR},
                 {"other_lr": DENSE_OTHER_LR}],
