@@ -231,6 +231,33 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert na == nc and torch.equal(pa, pc), na
 
 
+def test_recalibrate_measures_the_inputs_of_the_model_as_it_is():
+    model, comp, opt = _build(budget=0.3, steps=60, options={"recalibrate": True, "pruning_events": 4})
+    method = comp.method
+    pretrained_cov = method._cov["2"].clone()
+    _train(model, comp, opt, 23)  # two events (steps 11 and 22), each recalibrated first
+    assert method.events_done == 2
+    assert not torch.allclose(method._cov["2"], pretrained_cov, rtol=1e-2)  # the events recalibrated
+    layers = method.lowrank_layers()
+    rows = []  # the inputs of layer "2" (after layer "0", which trains and was pruned), by a hook of the test's own
+    handle = layers["2"].register_forward_hook(lambda _m, args, _out: rows.append(args[0].detach().double()))
+    with torch.no_grad():
+        for batch in _calib():
+            model(batch)
+    handle.remove()
+    x = torch.cat(rows)
+    expected = x.T @ x / x.shape[0]
+    method.recalibrate()
+    assert torch.allclose(method._cov["2"], expected, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(method._cov["2"], pretrained_cov, rtol=1e-2)  # the inputs did move
+    assert method.lowrank_layers() == layers  # the same modules are back in the model
+    _train(model, comp, opt, 37, start=23)
+    _check_optimizer(comp, opt)
+    final = comp.finalize()
+    assert comp.kept_cost() <= 0.3 * comp.total_cost
+    assert _accuracy(final) > 0.8
+
+
 def test_finalize_early_still_within_budget():
     model, comp, opt = _build(budget=0.3, steps=100)
     _train(model, comp, opt, 5)  # stopped long before the transition and the pruning ended
@@ -258,6 +285,8 @@ def test_needs_calibration_and_bad_options():
         TuneCompOptions(pruning_events=0)
     with pytest.raises(ValueError, match="asvd_alpha"):
         TuneCompOptions(asvd_alpha=-1.0)
+    with pytest.raises(ValueError, match="recalibrate"):
+        TuneCompOptions(recalibrate="yes")
     with pytest.raises(TypeError, match="options"):
         _build(options={"T": 5})
 
