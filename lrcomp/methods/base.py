@@ -10,6 +10,8 @@ with the paper's defaults, filled from ``CompressionConfig.method_options``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -50,6 +52,20 @@ def densify_past_break_even(model: nn.Module, names) -> list[str]:
             model.set_submodule(name, layer.to_linear().train(layer.training))
             replaced.append(name)
     return replaced
+
+
+@contextmanager
+def swapped_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
+    """Put ``replacements`` (name -> module) in ``model`` for the block; the original modules of those names
+    are back afterwards, also when the block raises (and whatever the block put under those names)."""
+    originals = {name: model.get_submodule(name) for name in replacements}
+    try:
+        for name, module in replacements.items():
+            model.set_submodule(name, module)
+        yield
+    finally:
+        for name, module in originals.items():
+            model.set_submodule(name, module)
 
 
 def build_options(options_cls: type, values: dict[str, Any], method: str):

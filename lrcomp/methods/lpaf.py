@@ -70,7 +70,7 @@ from lrcomp.compression.cost import resolve_cost_table
 from lrcomp.compression.factorizations import factorize
 from lrcomp.compression.oneshot import _uniform_ranks
 from lrcomp.layers.lowrank_linear import LowRankLinear
-from lrcomp.methods.base import JointMethod, swap_params_in_optimizer
+from lrcomp.methods.base import JointMethod, swap_params_in_optimizer, swapped_modules
 from lrcomp.methods.schedules import decay
 
 IMPORTANCES = ("movement", "first_order")
@@ -309,10 +309,8 @@ class LPAF(JointMethod):
     def factorize_layers(self) -> None:
         """Phase 2: sparsity-aware SVD of every masked layer, global rank allocation, optimizer swap."""
         masked = self.masked_layers()
-        try:
-            sparse = {name: layer.sparse_copy() for name, layer in masked.items()}
-            for name, linear in sparse.items():
-                self.model.set_submodule(name, linear)
+        sparse = {name: layer.sparse_copy() for name, layer in masked.items()}
+        with swapped_modules(self.model, sparse):  # the masked layers are back afterwards
             # input_metric: the inputs as the pruned model produces them (plain nn.Linear: calibration targets)
             stats = self.comp.calibration_stats() if self.options.input_metric else None
             full = {}
@@ -324,9 +322,6 @@ class LPAF(JointMethod):
                                        stats=None if stats is None else stats[name])
                 self.model.set_submodule(name, full[name])
             ranks = self._allocate_everywhere()
-        finally:
-            for name, layer in masked.items():
-                self.model.set_submodule(name, layer)
         for name, layer in masked.items():
             if name not in ranks:
                 layer.release_mask()

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from lrcomp.compression.allocate import allocate_ranks, importance_keep_mask
 from lrcomp.compression.factorizations import factorize
-from lrcomp.methods.base import JointMethod
+from lrcomp.methods.base import JointMethod, swapped_modules
 from lrcomp.methods.schedules import decay
 
 TUNECOMP_INITS = ("svd_llm", "asvd")
@@ -200,13 +200,8 @@ class TuneComp(JointMethod):
         torch.distributed, like every calibration.
         """
         layers = self.lowrank_layers()
-        try:
-            for name, layer in layers.items():
-                self.model.set_submodule(name, layer.to_linear())
+        with swapped_modules(self.model, {name: layer.to_linear() for name, layer in layers.items()}):
             stats = self.comp.calibration_stats()
-        finally:
-            for name, layer in layers.items():
-                self.model.set_submodule(name, layer)
         for name, layer in layers.items():
             self._cov[name] = stats[name]["input_cov"].to(device=layer.V.device, dtype=torch.float64)
 
