@@ -84,20 +84,16 @@ DEFAULT_METHOD_LR = {"dense": 1e-4, "seq_svd": 1e-4, "seq_svd_llm": 1e-4, "acip"
                      "tunecomp": 1e-4, "jactus": 5e-4, "lpaf": 5e-4}
 # other_lr the bench and the sweep give (a one-run method, ACIP's default options, the sweep's candidates): the dense lr
 DENSE_OTHER_LR = DEFAULT_METHOD_LR["dense"]
-# Method options the bench uses unless --method-options says otherwise (the choices at 0.5, with the lrs above):
-# ACIP on whitened (SVD-LLM) factors, which the calibration batches make possible here (3 seeds, one run, lr
-# 5e-4: 0.687 / 0.689 / 0.691 at 0.8 / 0.5 / 0.3, against 0.635 / 0.634 / 0.682 with the plain SVD of the paper;
-# raw/quality_cpu_runs.jsonl and the acip_svd_basis rows of raw/quality_gpu_grid.jsonl); PC-LoRA from SVD-LLM's
-# truncation (not in the paper; the paper's LoRA init is options {}) with its dense branch gone after a quarter
-# of the steps (decay_ratio 0.25; the paper's 0.5 is the library default); JACTUS after half the steps dense
-# (warmup_frac) with its output error weighted half by the output-gradient covariance (grad_metric), neither in
-# the method as specified; LPAF pruning by first-order scores (its library default; named so that runs record
-# it). ACIP also with the parameters outside the targeted layers at the dense lr (CompressionConfig.other_lr;
-# chosen at 0.8 and 0.5, see one_run_options).
-DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm", "other_lr": DENSE_OTHER_LR},
+# Method options the bench uses unless --method-options says otherwise: each method's choice at budget 0.5 in
+# benchmarks/results/quality_selection.json (with the lrs above; tests/test_bench_quality.py keeps the two in step),
+# so that --quick, the README's main job, runs every method as the table's 0.5 column does. Why each option is
+# there: benchmarks/results/QUALITY.md. The sweep's candidates (quality_sweep.BASE_OPTIONS, EXTRA_OPTIONS) are
+# written out there and do not move with these defaults.
+DEFAULT_METHOD_OPTIONS = {"acip": {"basis": "svd_llm", "other_lr": DENSE_OTHER_LR, "feature_weight": 1.0},
                           "pc_lora": {"init": "svd_llm", "decay_ratio": 0.25},
+                          "tunecomp": {"feature_weight": 1.0},
                           "jactus": {"warmup_frac": 0.5, "grad_metric": 0.5},
-                          "lpaf": {"prune_score": "first_order"}}
+                          "lpaf": {"prune_score": "first_order", "input_metric": True, "feature_weight": 1.0}}
 DATA_SEED = 1234  # fixes the train/test split, independent of the run seeds
 # Seconds per training step of the joint methods relative to a dense step, used only for the
 # time estimate printed before the grid (a guess until they have been measured).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -74,3 +75,13 @@ def test_acips_one_run_trains_at_every_budget_it_materialises_unless_told():
         "curve_budgets": [], "other_lr": 5e-4}
     assert options("acip", {}, [0.5]) == {} and options("acip", {}, None) == {}
     assert options("acip_per_budget", {}, [0.8, 0.3]) == {}
+
+
+def test_the_benchs_defaults_are_the_sweeps_choices_at_half_the_weights():
+    """--quick (the README's main job, budget 0.5) runs every method with its lr and options chosen there."""
+    selection = json.loads((BENCHMARKS / "results" / "quality_selection.json").read_text(encoding="utf-8"))
+    chosen = {c["method"]: c for c in selection["meta"]["chosen"] if c["budget"] in (None, 0.5)}
+    assert set(chosen) == set(bench_quality.DEFAULT_METHOD_LR)
+    for method, c in chosen.items():
+        assert (method, bench_quality.DEFAULT_METHOD_LR[method]) == (method, c["lr"])
+        assert (method, bench_quality.DEFAULT_METHOD_OPTIONS.get(method, {})) == (method, c["options"])
